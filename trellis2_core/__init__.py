@@ -1,0 +1,1 @@
+"""The TRELLIS.2 engine: models, sampling, O-Voxel and mesh processing. Framework-free (never imports ComfyUI)."""

@@ -1,0 +1,1 @@
+"""Meshes: the Mesh dataclass, repair, decimation, UV unwrap, texture baking and GLB export."""

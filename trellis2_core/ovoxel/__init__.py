@@ -1,0 +1,1 @@
+"""O-Voxel: sparse voxels carrying geometry fields and PBR attributes; mesh extraction and voxelisation."""
