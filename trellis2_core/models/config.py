@@ -20,11 +20,31 @@ C = TypeVar("C", bound="ModelConfig")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class FrozenDict(dict):
+    """A dict that cannot change and can be hashed: JSON objects inside a frozen config (e.g. ``block_args``)."""
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("config values are immutable; build a new config with dataclasses.replace")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _readonly  # type: ignore[assignment]
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+
 def _freeze(value: Any) -> Any:
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return tuple(_freeze(v) for v in value)
-    if isinstance(value, dict):
-        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, Mapping):
+        return FrozenDict({k: _freeze(v) for k, v in value.items()})
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
     return value
 
 
@@ -66,8 +86,4 @@ class ModelConfig:
 
     def to_args(self) -> dict[str, Any]:
         """The official ``args`` dict (tuples back to lists), for writing ``ckpts/<name>.json``."""
-
-        def thaw(v: Any) -> Any:
-            return [thaw(x) for x in v] if isinstance(v, tuple) else v
-
-        return {f.name: thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _thaw(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -1,0 +1,130 @@
+"""Submanifold 3x3x3 sparse convolution in plain torch: the readable reference and the CPU/MPS path.
+
+Semantics (SPEC.md section 7, FlexGEMM ``sparse_submanifold_conv3d``): output sites = input sites, and
+
+    out[n] = bias + sum_{i,j,k in 0..2} W[:, i, j, k, :] @ feats[nbr(n; i-1, j-1, k-1)]
+
+where ``nbr(n; dx, dy, dz)`` is the row whose coords are ``(b_n, x_n+dx, y_n+dy, z_n+dz)``; a missing
+neighbour contributes zero. Kernel axis 0 <-> x (coords column 1), axis 1 <-> y, axis 2 <-> z. This equals a
+dense ``F.conv3d(grid, W.permute(0, 4, 1, 2, 3), padding=1)`` evaluated at the active voxels.
+
+The neighbour map is a plain ``[N, 27]`` int64 table, column ``k = i*9 + j*3 + kz`` (the row-major flattening
+of the kernel's ``[3, 3, 3]`` axes, so ``W.reshape(Co, 27, Ci)[:, k]`` is the matching weight slice), ``-1`` =
+missing. It depends only on the coordinates, so callers build it once per spatial level and reuse it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Gathered rows are the only large temporary: [chunk, 27, Ci]. 256 MiB keeps the peak small next to the
+# activations of a 1-14M voxel level (e.g. 64 ch fp16: ~75k rows per chunk) while each matmul stays big
+# enough ([75k, 1728] x [1728, Co]) to run near full speed.
+DEFAULT_MAX_BYTES = 256 * 2**20
+
+KERNEL_VOLUME = 27
+
+
+def _kernel_offsets(device: torch.device) -> torch.Tensor:
+    """[27, 3] int64 (dx, dy, dz) in neighbour-column order k = i*9 + j*3 + kz, offsets = index - 1."""
+    r = torch.arange(3, device=device) - 1
+    return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(KERNEL_VOLUME, 3)
+
+
+def build_neighbours(coords: torch.Tensor) -> torch.Tensor:
+    """Exact 3x3x3 neighbour map of a set of voxels.
+
+    coords: [N, 4] int32 (batch, x, y, z), non-negative, no duplicate rows (a duplicated voxel resolves to one
+            of its copies). Any row order.
+    returns [N, 27] int64: ``nbr[n, i*9 + j*3 + k]`` = row of voxel ``(b, x+i-1, y+j-1, z+k-1)`` or -1.
+
+    Each voxel becomes one flat int64 key ``((b*X + x)*Y + y)*Z + z`` over a grid padded by one voxel on each
+    side, so a neighbour's key is the voxel's key plus a constant per offset and never wraps into another row
+    or batch item. Keys are sorted once; each of the 27 offsets is one ``searchsorted``. No dense grid.
+    """
+    if coords.dim() != 2 or coords.shape[1] != 4:
+        raise ValueError(f"build_neighbours: coords must be [N, 4] (batch, x, y, z); got shape {tuple(coords.shape)}")
+    n = coords.shape[0]
+    device = coords.device
+    if n == 0:
+        return torch.empty(0, KERNEL_VOLUME, dtype=torch.int64, device=device)
+    c = coords.long()
+    lo, hi = torch.stack([c.amin(0), c.amax(0)]).tolist()  # one host sync per level, not per voxel
+    if min(lo) < 0:
+        raise ValueError(f"build_neighbours: coords must be non-negative; got per-column minimum {lo}")
+    ext = [h + 3 for h in hi[1:]]  # x+1 shifted into [1, max+1]; neighbours span [0, max+2]
+    if (hi[0] + 1) * ext[0] * ext[1] * ext[2] >= 2**62:
+        raise ValueError(f"build_neighbours: grid too large for int64 keys (max coords {hi})")
+    sy, sx = ext[2], ext[1] * ext[2]
+    keys = ((c[:, 0] * ext[0] + c[:, 1] + 1) * ext[1] + c[:, 2] + 1) * ext[2] + c[:, 3] + 1
+    sorted_keys, order = torch.sort(keys)
+    off = _kernel_offsets(device)
+    deltas = (off[:, 0] * sx + off[:, 1] * sy + off[:, 2]).tolist()
+
+    nbr = torch.empty(n, KERNEL_VOLUME, dtype=torch.int64, device=device)
+    # Loop over the 27 kernel offsets (not voxels) so the temporaries stay at [N] instead of [N, 27].
+    for k, d in enumerate(deltas):
+        query = keys + d
+        pos = torch.searchsorted(sorted_keys, query).clamp_(max=n - 1)
+        found = sorted_keys[pos] == query
+        nbr[:, k] = torch.where(found, order[pos], -1)
+    return nbr
+
+
+def _chunk_rows(ci: int, elem_bytes: int, max_bytes: int) -> int:
+    return max(1, max_bytes // (KERNEL_VOLUME * max(ci, 1) * elem_bytes))
+
+
+def submanifold_conv3d(
+    feats: torch.Tensor,
+    neighbours: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_rows: int | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> torch.Tensor:
+    """Submanifold 3x3x3 convolution on the rows of ``feats`` given their neighbour map.
+
+    feats:      [N, Ci] float (fp32 / fp16 / bf16)
+    neighbours: [N, 27] int64 from ``build_neighbours`` (-1 = missing)
+    weight:     [Co, 3, 3, 3, Ci], same dtype as feats (the official state_dict layout)
+    bias:       [Co] or None
+    chunk_rows: rows per chunk; None picks it so the gathered block ``[chunk, 27, Ci]`` fits ``max_bytes``.
+    returns     [N, Co] in feats.dtype.
+
+    Per chunk: gather the 27 neighbour rows, zero the missing ones, then one ``[chunk, 27*Ci] @ [27*Ci, Co]``
+    matmul. Accumulation is fp32 for half inputs: on CUDA cuBLAS half GEMMs accumulate in fp32; elsewhere the
+    chunk is upcast to fp32 (CPU half matmul is slow and its accumulation type is not guaranteed).
+    """
+    if feats.dim() != 2:
+        raise ValueError(f"submanifold_conv3d: feats must be [N, Ci]; got shape {tuple(feats.shape)}")
+    n, ci = feats.shape
+    if weight.dim() != 5 or tuple(weight.shape[1:4]) != (3, 3, 3) or weight.shape[4] != ci:
+        raise ValueError(
+            f"submanifold_conv3d: weight must be [Co, 3, 3, 3, Ci={ci}] (official layout); got {tuple(weight.shape)}"
+        )
+    if neighbours.shape != (n, KERNEL_VOLUME):
+        raise ValueError(f"submanifold_conv3d: neighbours must be [N={n}, 27]; got {tuple(neighbours.shape)}")
+    if weight.dtype != feats.dtype:
+        raise ValueError(f"submanifold_conv3d: weight dtype {weight.dtype} != feats dtype {feats.dtype}; cast one of them")
+    co = weight.shape[0]
+    out_dtype = feats.dtype
+    compute_dtype = feats.dtype
+    if feats.dtype in (torch.float16, torch.bfloat16) and feats.device.type != "cuda":
+        compute_dtype = torch.float32
+    w = weight.reshape(co, KERNEL_VOLUME * ci).to(compute_dtype).t()  # [27*Ci, Co], row k*Ci + c
+    b = None if bias is None else bias.to(compute_dtype)
+    out = torch.empty(n, co, dtype=out_dtype, device=feats.device)
+    if n == 0:
+        return out
+    step = chunk_rows or _chunk_rows(ci, torch.finfo(compute_dtype).bits // 8, max_bytes)
+    for r0 in range(0, n, step):
+        idx = neighbours[r0 : r0 + step]
+        missing = idx < 0
+        g = feats[idx.clamp(min=0)]  # [c, 27, Ci]
+        g.masked_fill_(missing.unsqueeze(-1), 0)
+        g = g.reshape(idx.shape[0], KERNEL_VOLUME * ci).to(compute_dtype)
+        res = torch.addmm(b, g, w) if b is not None else g @ w
+        out[r0 : r0 + step] = res
+    return out

@@ -1,0 +1,268 @@
+"""The two TRELLIS.2 flow DiTs and their building blocks: goldens, RoPE, token layouts, precision, configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import MANIFESTS, assert_close_rel
+from trellis2.trellis2_core.errors import ConfigError, InputError
+from trellis2.trellis2_core.models import from_config
+from trellis2.trellis2_core.nn.attention import VarLen, attention_backend
+from trellis2.trellis2_core.nn.norm import MultiHeadRMSNorm
+from trellis2.trellis2_core.nn.rope import apply_rope, rope_phases
+from trellis2.trellis2_core.nn.timestep import timestep_embedding
+from trellis2.trellis2_core.sparse import SparseTensor
+
+TINY = {
+    "resolution": 4, "in_channels": 8, "out_channels": 8, "model_channels": 48, "cond_channels": 16,
+    "num_blocks": 2, "num_heads": 2, "mlp_ratio": 5.3334, "pe_mode": "rope", "share_mod": True,
+    "initialization": "scaled", "qk_rms_norm": True, "qk_rms_norm_cross": True, "dtype": "float32",
+}  # fmt: skip
+
+
+def _model(name: str, seed: int = 0, **args) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    m = from_config({"name": name, "args": {**TINY, **args}}, device="cpu").eval()
+    with torch.no_grad():  # the reference zero-initialises some layers; random everywhere exercises every path
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def _golden_model(golden):
+    cfg = {"name": golden.config["name"], "args": golden.config["args"]}
+    m = from_config(cfg, device="cpu").eval()
+    m.load_state_dict(golden.weights, strict=True)
+    return m
+
+
+def _capture(model, names):
+    """Forward hooks recording the outputs of submodules (by attribute path)."""
+    out = {}
+    for name in names:
+        model.get_submodule(name).register_forward_hook(lambda mod, i, o, name=name: out.__setitem__(name, o))
+    return out
+
+
+def _sparse(lengths, channels, res=40, seed=1):
+    """A SparseTensor with len(lengths) items of distinct random voxels (coords < res)."""
+    g = torch.Generator().manual_seed(seed)
+    coords = []
+    for b, n in enumerate(lengths):
+        cells = torch.randperm(res**3, generator=g)[:n].sort().values
+        xyz = torch.stack([cells // (res * res), cells // res % res, cells % res], dim=1)
+        coords.append(torch.cat([torch.full((n, 1), b), xyz], dim=1))
+    coords = torch.cat(coords).int()
+    return SparseTensor(torch.randn(coords.shape[0], channels, generator=g), coords)
+
+
+# ------------------------------------------------------------------------------------------------ goldens
+def test_ss_flow_golden_every_intermediate(golden):
+    g = golden("ss_flow_forward")
+    m = _golden_model(g)
+    cap = _capture(m, ["t_embedder", "adaLN_modulation", "input_layer", "blocks.0"])
+    with torch.no_grad():
+        out = m(g.inputs["x"], g.inputs["t"], g.inputs["cond"])
+    o = g.outputs
+    assert_close_rel(cap["t_embedder"], o["t_emb"], what="t_emb")
+    assert_close_rel(cap["adaLN_modulation"], o["mod"], what="mod")
+    assert_close_rel(cap["input_layer"], o["h_in"], what="h_in")
+    assert_close_rel(cap["blocks.0"], o["block0_out"], what="block0_out")
+    phases = m.rope_phases()
+    assert_close_rel(phases.real, o["rope_phases_real"], what="rope real")
+    assert_close_rel(phases.imag, o["rope_phases_imag"], what="rope imag")
+    assert_close_rel(out, o["out"], what="out")
+
+
+@pytest.mark.parametrize("name", ["slat_flow_shape_forward", "slat_flow_tex_forward"])
+def test_slat_flow_golden(golden, name):
+    g = golden(name)
+    m = _golden_model(g)
+    cap = _capture(m, ["blocks.0"])
+    i = g.inputs
+    x = SparseTensor(i["feats"], i["coords"])
+    cc = SparseTensor(i["concat_cond_feats"], i["coords"]) if "concat_cond_feats" in i else None
+    with torch.no_grad():
+        out = m(x, i["t"], i["cond"], cc)
+    assert torch.equal(out.coords, x.coords)
+    assert_close_rel(cap["blocks.0"], g.outputs["block0_out"], what="block0_out")
+    assert_close_rel(out.feats, g.outputs["out_feats"], what="out_feats")
+
+
+def test_rope_phases_buffer_in_a_file_is_dropped(golden):
+    g = golden("ss_flow_forward")
+    m = from_config({"name": g.config["name"], "args": g.config["args"]}, device="cpu")
+    sd = dict(g.weights, rope_phases=torch.zeros(64, 16, dtype=torch.complex64))
+    m.load_state_dict(sd, strict=True)  # would raise 'unexpected key' without the pre-hook
+    assert "rope_phases" not in m.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+def test_rope_per_axis_structure_and_identity_pair():
+    d = 128  # 21 frequencies per axis, 63 rotated pairs + 1 identity pair
+    coords = torch.tensor([[0, 0, 0], [1, 0, 0], [0, 2, 0], [0, 0, 3], [5, 7, 11]])
+    ph = rope_phases(coords, d)
+    assert ph.shape == (5, 64) and ph.dtype == torch.complex64
+    assert torch.equal(ph[:, 63], torch.ones(5, dtype=torch.complex64))  # identity pair
+    assert torch.equal(ph[0], torch.ones(64, dtype=torch.complex64))  # origin: no rotation
+    freqs = 1.0 / 10000.0 ** (torch.arange(21, dtype=torch.float64) / 21)
+    angles = torch.angle(ph).double()
+    for axis, row, c in ((0, 1, 1), (1, 2, 2), (2, 3, 3)):
+        block = slice(axis * 21, axis * 21 + 21)
+        ref = torch.remainder(c * freqs + torch.pi, 2 * torch.pi) - torch.pi
+        torch.testing.assert_close(angles[row, block], ref, atol=1e-5, rtol=0)
+        others = [a for a in range(63) if not (axis * 21 <= a < axis * 21 + 21)]
+        assert torch.equal(angles[row, others], torch.zeros(len(others), dtype=torch.float64))
+
+
+def test_rope_rotates_interleaved_pairs():
+    x = torch.zeros(1, 1, 6)  # [L, H, D=6]: one frequency per axis, pairs (0,1) (2,3) (4,5)
+    x[0, 0, 0] = 1.0  # pair 0 = x axis, frequency 1
+    y = apply_rope(x, rope_phases(torch.tensor([[torch.pi / 2, 0, 0]]), 6))
+    torch.testing.assert_close(y[0, 0], torch.tensor([0.0, 1.0, 0, 0, 0, 0]), atol=1e-6, rtol=0)
+
+
+def test_timestep_embedding_is_cos_first():
+    e = timestep_embedding(torch.tensor([0.0, 1000.0]), 256)
+    assert torch.equal(e[0, :128], torch.ones(128)) and torch.equal(e[0, 128:], torch.zeros(128))
+    torch.testing.assert_close(e[1, 0], torch.cos(torch.tensor(1000.0)))
+
+
+def test_qk_rms_norm_is_f_normalize_times_gamma_sqrt_d():
+    n = MultiHeadRMSNorm(4, 2)
+    with torch.no_grad():
+        n.gamma.copy_(torch.tensor([[1.0, 2, 3, 4], [1, 1, 1, 1]]))
+    x = torch.full((3, 2, 4), 1e-4)  # tiny vectors: an RMSNorm with a real eps would shrink them
+    y = n(x)
+    torch.testing.assert_close(y[:, 0], torch.tensor([1.0, 2, 3, 4]).expand(3, 4))
+    torch.testing.assert_close(y[:, 1], torch.ones(3, 4))
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+def test_block_dense_path_equals_varlen_path():
+    m = _model("SLatFlowModel")
+    block, c = m.blocks[0], TINY["model_channels"]
+    x = _sparse([20, 20], c)
+    h, mod, cond = x.feats, torch.randn(2, 6 * c), torch.randn(2, 5, TINY["cond_channels"])
+    ph = m.token_phases(x)
+    with torch.no_grad():
+        dense = block(h.view(2, 20, c), mod, cond, ph.view(2, 20, -1)).reshape(40, c)
+        varlen = block(h, mod, cond, ph, VarLen.from_offsets(x.batch_offsets(), x.device))
+    assert_close_rel(varlen, dense, rtol=1e-5, what="varlen vs dense")
+
+
+def test_sparse_batch_equals_items_run_alone():
+    m = _model("SLatFlowModel")
+    t, cond = torch.tensor([900.0, 250.0]), torch.randn(2, 5, TINY["cond_channels"])
+    for lengths in ([31, 31], [37, 23]):  # dense-batched path and varlen path
+        x = _sparse(lengths, TINY["in_channels"])
+        with torch.no_grad():
+            both = m(x, t, cond).feats
+            for b in range(2):
+                item = x.batch_item(b)
+                item = SparseTensor(item.feats, torch.cat([torch.zeros_like(item.coords[:, :1]), item.coords[:, 1:]], 1))
+                alone = m(item, t[b : b + 1], cond[b : b + 1]).feats
+                off = x.batch_offsets()
+                assert_close_rel(both[off[b] : off[b + 1]], alone, rtol=1e-5, what=f"{lengths} item {b}")
+
+
+def test_varlen_items_are_isolated():
+    m = _model("SLatFlowModel")
+    x = _sparse([37, 23], TINY["in_channels"])
+    t, cond = torch.tensor([900.0, 250.0]), torch.randn(2, 5, TINY["cond_channels"])
+    with torch.no_grad():
+        a = m(x, t, cond).feats
+        feats2 = x.feats.clone()
+        feats2[37:] += 1.0
+        cond2, t2 = cond.clone(), torch.tensor([900.0, 600.0])
+        cond2[1] += 1.0
+        b = m(SparseTensor(feats2, x.coords), t2, cond2).feats
+    assert torch.equal(a[:37], b[:37])
+    assert not torch.allclose(a[37:], b[37:])
+
+
+def test_ss_flow_batch_items_are_independent():
+    m = _model("SparseStructureFlowModel")
+    x, t, cond = torch.randn(2, 8, 4, 4, 4), torch.tensor([1000.0, 437.5]), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        both = m(x, t, cond)
+        alone = m(x[1:], t[1:], cond[1:])
+    assert_close_rel(both[1:], alone, rtol=1e-5)
+
+
+def test_attention_backend_is_read_at_call_time(monkeypatch):
+    m = _model("SparseStructureFlowModel")
+    x, t, cond = torch.randn(1, 8, 4, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        ref = m(x, t, cond)
+        with attention_backend("math"):
+            assert_close_rel(m(x, t, cond), ref, rtol=1e-5)
+        monkeypatch.setenv("TRELLIS2_ATTENTION_BACKEND", "no-such-kernel")
+        with pytest.raises(ConfigError, match="TRELLIS2_ATTENTION_BACKEND"):
+            m(x, t, cond)
+
+
+# ------------------------------------------------------------------------------------------------ precision
+def test_bf16_layout_matches_manifest_and_runs_on_cpu():
+    manifest = json.loads((MANIFESTS / "ss_flow_img_dit_1_3B_64_bf16.json").read_text())
+    want = {k[len("blocks.0.") :]: v["dtype"] for k, v in manifest["params"].items() if k.startswith("blocks.0.")}
+    top = {k: v["dtype"] for k, v in manifest["params"].items() if not k.startswith("blocks.")}
+    dt = {"BF16": torch.bfloat16, "F32": torch.float32}
+    for name, ctor_args in (("SparseStructureFlowModel", {}), ("SLatFlowModel", {})):
+        m32 = _model(name, **ctor_args)
+        m = from_config({"name": name, "args": {**TINY, "dtype": "bfloat16"}}, device="cpu").eval()
+        m.load_state_dict(m32.state_dict())  # load_state_dict casts to each parameter's dtype
+        for k, p in m.state_dict().items():
+            if k.startswith("blocks."):
+                expected = dt[want[k.split(".", 2)[2]]]
+            else:
+                expected = dt[top[k]]
+            assert p.dtype == expected, (k, p.dtype, expected)
+        with torch.no_grad():
+            if name == "SparseStructureFlowModel":
+                args = (torch.randn(2, 8, 4, 4, 4), torch.tensor([900.0, 250.0]), torch.randn(2, 3, 16))
+                out, ref = m(*args), m32(*args)
+                assert out.dtype == torch.float32
+            else:
+                for lengths in ([16, 16], [19, 12]):
+                    x = _sparse(lengths, 8)
+                    args = (x, torch.tensor([900.0, 250.0]), torch.randn(2, 3, 16))
+                    out, ref = m(*args).feats, m32(*args).feats
+                    assert out.dtype == torch.float32
+        assert_close_rel(out, ref, rtol=0.1, what=f"{name} bf16 vs fp32")
+
+
+def test_dtype_override_builds_float32_blocks():
+    manifest = json.loads((MANIFESTS / "slat_flow_img2shape_dit_1_3B_512_bf16.json").read_text())
+    m = from_config(manifest["config"], device="meta", dtype=torch.float32)
+    assert {p.dtype for p in m.parameters()} == {torch.float32}
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def test_config_errors_are_clear():
+    base = {"name": "SLatFlowModel", "args": dict(TINY)}
+    with pytest.raises(ConfigError, match="unknown argument.*'num_layers'"):
+        from_config({**base, "args": {**TINY, "num_layers": 3}})
+    with pytest.raises(ConfigError, match="model_channels 48 must be divisible by num_heads 5"):
+        from_config({**base, "args": {**TINY, "num_heads": 5}})
+    with pytest.raises(ConfigError, match="not divisible by num_head_channels 20"):
+        from_config({**base, "args": {**{k: v for k, v in TINY.items() if k != "num_heads"}, "num_head_channels": 20}})
+    with pytest.raises(ConfigError, match="pe_mode 'ape' is not supported"):
+        from_config({**base, "args": {**TINY, "pe_mode": "ape"}})
+    with pytest.raises(ConfigError, match="share_mod false"):
+        from_config({"name": "SparseStructureFlowModel", "args": {**TINY, "share_mod": False}})
+    with pytest.raises(ConfigError, match="dtype"):
+        from_config({**base, "args": {**TINY, "dtype": "float8"}})
+
+
+def test_input_errors_name_the_argument():
+    ss, sl = _model("SparseStructureFlowModel"), _model("SLatFlowModel", in_channels=16)
+    with pytest.raises(InputError, match=r"x: expected a latent \[B, 8, 4, 4, 4\]"):
+        ss(torch.randn(1, 8, 5, 5, 5), torch.tensor([1.0]), torch.randn(1, 3, 16))
+    with pytest.raises(InputError, match="cond: expected"):
+        ss(torch.randn(2, 8, 4, 4, 4), torch.tensor([1.0, 2.0]), torch.randn(1, 3, 16))
+    with pytest.raises(InputError, match="concat_cond"):
+        sl(_sparse([5], 8), torch.tensor([1.0]), torch.randn(1, 3, 16))

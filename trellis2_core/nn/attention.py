@@ -1,0 +1,196 @@
+"""Multi-head self- and cross-attention of the DiTs (SPEC 3.4), over dense or variable-length token batches.
+
+Token layouts (the same modules serve both):
+  dense   x [B, L, C]: every item has L tokens. The SS model always; sparse batches whose items have equal
+          lengths (B = 1, or the classifier-free-guidance pair sharing coordinates) are viewed this way too,
+          so the common case is one batched SDPA call.
+  varlen  x [N, C] with a ``VarLen`` (host offsets of each item): attention stays within each item
+          (one SDPA call per item; items are few), cross-attention of item b sees only ``context[b]``.
+
+The SDPA backend is chosen at call time (never at import): explicit ``backend=`` argument, then the
+``attention_backend(...)`` context manager, then the environment variable ``TRELLIS2_ATTENTION_BACKEND``
+(read on every call), then "auto" (torch picks). An explicit choice torch cannot honour raises ConfigError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ..errors import ConfigError
+from .norm import MultiHeadRMSNorm
+from .ops import resolve
+from .rope import apply_rope
+
+ENV_VAR = "TRELLIS2_ATTENTION_BACKEND"
+BACKENDS = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+_BACKEND = contextvars.ContextVar("trellis2_attention_backend", default=None)
+
+
+def _check_backend(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ConfigError(f"{where}: attention backend must be one of {sorted(BACKENDS)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """Use SDPA backend ``name`` ("auto", "flash", "efficient", "cudnn", "math") inside the block."""
+    token = _BACKEND.set(_check_backend(name, "attention_backend()"))
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def resolve_backend(explicit: str | None = None) -> str:
+    """The backend in force now: explicit argument > context manager > env var > "auto"."""
+    if explicit is not None:
+        return _check_backend(explicit, "backend argument")
+    if _BACKEND.get() is not None:
+        return _BACKEND.get()
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_backend(env.strip().lower(), f"environment variable {ENV_VAR}")
+    return "auto"
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v, no mask.
+
+    q: [B, Lq, H, D]; k, v: [B, Lk, H, D] (one dtype) -> [B, Lq, H, D] in q's dtype.
+    """
+    name = resolve_backend(backend)
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if BACKENDS[name] is None:
+        return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+    try:
+        with sdpa_kernel([BACKENDS[name]]):
+            out = F.scaled_dot_product_attention(qt, kt, vt)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"attention backend {name!r} cannot run q {tuple(q.shape)} {q.dtype} on {q.device}: {e}. "
+            f"Choose another backend or 'auto' (argument, attention_backend(), or {ENV_VAR})."
+        ) from e
+    return out.transpose(1, 2)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class VarLen:
+    """Packed variable-length batch: item b owns token rows ``[offsets[b], offsets[b+1])`` of an [N, ...] tensor.
+
+    offsets:     host ints [B+1] (no device sync to slice).
+    batch_index: int64 [N] on the tokens' device, the item of every row (to broadcast per-item vectors).
+    """
+
+    offsets: tuple[int, ...]
+    batch_index: torch.Tensor
+
+    @classmethod
+    def from_offsets(cls, offsets, device) -> VarLen:
+        offsets = tuple(int(o) for o in offsets)
+        counts = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])], device=device)
+        items = torch.arange(len(offsets) - 1, device=device)
+        return cls(offsets, torch.repeat_interleave(items, counts, output_size=offsets[-1]))
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.offsets) - 1
+
+    def per_token(self, v: torch.Tensor) -> torch.Tensor:
+        """[B, ...] per-item tensor -> [N, ...] one row per token."""
+        return v[self.batch_index]
+
+
+def per_token(v: torch.Tensor, varlen: VarLen | None) -> torch.Tensor:
+    """Broadcast per-item [B, K] to tokens: [B, 1, K] (dense [B, L, C] tokens) or [N, K] (varlen)."""
+    return v.unsqueeze(1) if varlen is None else varlen.per_token(v)
+
+
+def _attend(q, k, v, varlen: VarLen | None, *, kv_per_item: bool) -> torch.Tensor:
+    """Dense: q/k/v [B, L, H, D]. Varlen: q [N, H, D]; k/v [N, H, D] (self) or [B, Lk, H, D] (kv_per_item)."""
+    if varlen is None:
+        return scaled_dot_product_attention(q, k, v)
+    backend = resolve_backend()
+    outs = []
+    for b, (s, e) in enumerate(zip(varlen.offsets[:-1], varlen.offsets[1:])):
+        if e == s:
+            continue
+        kb, vb = (k[b : b + 1], v[b : b + 1]) if kv_per_item else (k[None, s:e], v[None, s:e])
+        outs.append(scaled_dot_product_attention(q[None, s:e], kb, vb, backend=backend)[0])
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+class SelfAttention(nn.Module):
+    """Self-attention with fused ``to_qkv`` (channel layout [3, H, D]), QK-RMSNorm, then RoPE, then ``to_out``.
+
+    Linear layers are created in ``dtype`` (the block precision); RMSNorm gammas stay float32.
+    """
+
+    def __init__(
+        self, channels: int, num_heads: int, *, qk_rms_norm: bool, use_rope: bool, ops=None, device=None, dtype=None
+    ):
+        super().__init__()
+        ops = resolve(ops)
+        self.num_heads, self.head_dim, self.use_rope = num_heads, channels // num_heads, use_rope
+        self.to_qkv = ops.Linear(channels, 3 * channels, bias=True, device=device, dtype=dtype)
+        if qk_rms_norm:
+            self.q_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads, device=device)
+            self.k_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads, device=device)
+        self.qk_rms_norm = qk_rms_norm
+        self.to_out = ops.Linear(channels, channels, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, phases: torch.Tensor | None = None, varlen: VarLen | None = None) -> torch.Tensor:
+        """x: [B, L, C] or [N, C] (varlen); phases: complex64 [(B,) L, D/2] or [N, D/2] -> same shape as x."""
+        qkv = self.to_qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
+        q, k, v = qkv.unbind(-3)
+        if self.qk_rms_norm:
+            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        if self.use_rope:
+            if phases is None:
+                raise ValueError("SelfAttention(use_rope=True) needs the RoPE phases of the tokens")
+            q, k = apply_rope(q, phases), apply_rope(k, phases)
+        h = _attend(q, k, v, varlen, kv_per_item=False)
+        return self.to_out(h.flatten(-2))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention to a dense context: ``to_q`` (C->C), ``to_kv`` (Cc->2C, layout [2, H, D]), QK-RMSNorm, no RoPE."""
+
+    def __init__(
+        self, channels: int, ctx_channels: int, num_heads: int, *, qk_rms_norm: bool, ops=None, device=None, dtype=None
+    ):
+        super().__init__()
+        ops = resolve(ops)
+        self.num_heads, self.head_dim = num_heads, channels // num_heads
+        self.to_q = ops.Linear(channels, channels, bias=True, device=device, dtype=dtype)
+        self.to_kv = ops.Linear(ctx_channels, 2 * channels, bias=True, device=device, dtype=dtype)
+        if qk_rms_norm:
+            self.q_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads, device=device)
+            self.k_rms_norm = MultiHeadRMSNorm(self.head_dim, num_heads, device=device)
+        self.qk_rms_norm = qk_rms_norm
+        self.to_out = ops.Linear(channels, channels, bias=True, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, varlen: VarLen | None = None) -> torch.Tensor:
+        """x: [B, L, C] or [N, C] (varlen); context: [B, Lc, Cc] (item b of x attends to context[b] only)."""
+        q = self.to_q(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k, v = self.to_kv(context).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(-3)
+        if self.qk_rms_norm:
+            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        h = _attend(q, k, v, varlen, kv_per_item=True)
+        return self.to_out(h.flatten(-2))
