@@ -157,15 +157,16 @@ def test_block_dense_path_equals_varlen_path():
 def test_sparse_batch_equals_items_run_alone():
     m = _model("SLatFlowModel")
     t, cond = torch.tensor([900.0, 250.0]), torch.randn(2, 5, TINY["cond_channels"])
-    for lengths in ([31, 31], [37, 23]):  # dense-batched path and varlen path
+    for lengths, packed in (([31, 31], False), ([37, 23], True)):  # dense-batched path, varlen path
         x = _sparse(lengths, TINY["in_channels"])
+        off = x.batch_offsets()
         with torch.no_grad():
             both = m(x, t, cond).feats
+            assert (x.get_cache("trellis2.varlen_layout") is not None) == packed, "wrong attention path taken"
             for b in range(2):
                 item = x.batch_item(b)
                 item = SparseTensor(item.feats, torch.cat([torch.zeros_like(item.coords[:, :1]), item.coords[:, 1:]], 1))
                 alone = m(item, t[b : b + 1], cond[b : b + 1]).feats
-                off = x.batch_offsets()
                 assert_close_rel(both[off[b] : off[b + 1]], alone, rtol=1e-5, what=f"{lengths} item {b}")
 
 
@@ -211,8 +212,8 @@ def test_bf16_layout_matches_manifest_and_runs_on_cpu():
     want = {k[len("blocks.0.") :]: v["dtype"] for k, v in manifest["params"].items() if k.startswith("blocks.0.")}
     top = {k: v["dtype"] for k, v in manifest["params"].items() if not k.startswith("blocks.")}
     dt = {"BF16": torch.bfloat16, "F32": torch.float32}
-    for name, ctor_args in (("SparseStructureFlowModel", {}), ("SLatFlowModel", {})):
-        m32 = _model(name, **ctor_args)
+    for name in ("SparseStructureFlowModel", "SLatFlowModel"):
+        m32 = _model(name)
         m = from_config({"name": name, "args": {**TINY, "dtype": "bfloat16"}}, device="cpu").eval()
         m.load_state_dict(m32.state_dict())  # load_state_dict casts to each parameter's dtype
         for k, p in m.state_dict().items():
@@ -266,3 +267,30 @@ def test_input_errors_name_the_argument():
         ss(torch.randn(2, 8, 4, 4, 4), torch.tensor([1.0, 2.0]), torch.randn(1, 3, 16))
     with pytest.raises(InputError, match="concat_cond"):
         sl(_sparse([5], 8), torch.tensor([1.0]), torch.randn(1, 3, 16))
+
+
+@pytest.mark.cuda
+def test_cuda_bf16_matches_cpu_fp32_without_host_syncs():
+    for name in ("SparseStructureFlowModel", "SLatFlowModel"):
+        m32 = _model(name)
+        m = from_config({"name": name, "args": {**TINY, "dtype": "bfloat16"}}, device="cuda").eval()
+        m.load_state_dict(m32.state_dict())
+        cases = (
+            [(torch.randn(2, 8, 4, 4, 4), torch.tensor([900.0, 250.0]), torch.randn(2, 3, 16))]
+            if name == "SparseStructureFlowModel"
+            else [(_sparse(n, 8), torch.tensor([900.0, 250.0]), torch.randn(2, 3, 16)) for n in ([16, 16], [19, 12])]
+        )
+        for x, t, cond in cases:
+            xc = x.to("cuda") if isinstance(x, SparseTensor) else x.cuda()
+            tc, cc = t.cuda(), cond.cuda()
+            with torch.no_grad():
+                out = m(xc, tc, cc)  # first call fills the coordinate caches
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    again = m(xc.replace(xc.feats) if isinstance(xc, SparseTensor) else xc, tc, cc)
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                ref = m32(x, t, cond)
+            out, again, ref = (v.feats if isinstance(v, SparseTensor) else v for v in (out, again, ref))
+            assert torch.equal(out, again)
+            assert_close_rel(out.cpu(), ref, rtol=0.05, what=f"{name} cuda bf16 vs cpu fp32")

@@ -152,3 +152,17 @@ def test_group_norm_variant_builds_and_runs():
     dec = _random_init(from_config({"name": "SparseStructureDecoder", "args": args}, device="cpu"))
     with torch.no_grad():
         assert dec(torch.randn(1, 4, 2, 2, 2)).shape == (1, 1, 4, 4, 4)
+
+
+@pytest.mark.cuda
+def test_fp16_blocks_on_cuda(golden):
+    """The released layout (use_fp16: fp16 convs in blocks) on the GPU, fp32 logits close to the fp32 golden."""
+    g = golden("ss_decoder_forward")
+    cfg = SparseStructureDecoder.Config.from_args(dict(g.config["args"], use_fp16=True))
+    model = SparseStructureDecoder(cfg, device="cuda")
+    assert model.state_dict()["blocks.0.conv1.weight"].dtype == torch.float16
+    model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in g.weights.items()}, strict=True)
+    with torch.no_grad():
+        out = model.eval()(g.inputs["z"].cuda())
+    assert out.dtype == torch.float32
+    assert_close_rel(out, g.outputs["logits"], rtol=1e-2, what="fp16 blocks")

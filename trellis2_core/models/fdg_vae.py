@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import ConfigError, InputError
+from ..ovoxel.flexible_dual_grid import fdg_head
 from ..sparse import SparseTensor
 from .config import ModelConfig
 from .sparse_unet_vae import SparseUnetVaeDecoder, SparseUnetVaeEncoder, _check_unet
@@ -79,23 +79,6 @@ class FlexiDualGridVaeEncoder(SparseUnetVaeEncoder):
         v = vertices.feats.float()
         x = vertices.replace(torch.cat([v - 0.5, intersected.feats.to(v.dtype) - 0.5], dim=1))
         return super().forward(x)
-
-
-def fdg_head(raw: torch.Tensor, voxel_margin: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inference head of the shape decoder (SPEC.md section 9, 17.15).
-
-    raw: [N, 7] decoder output (3 offset logits, 3 edge logits, 1 split logit).
-    returns vertex_offset [N, 3] float32 in (-m, 1+m) voxel units (m = voxel_margin; voxel-local, add coords),
-            edge_flags [N, 3] bool (x-, y-, z-edge through the voxel's max corner intersected),
-            split_weight [N, 1] float32 > 0 (quad split preference).
-    """
-    if raw.dim() != 2 or raw.shape[1] != 7:
-        raise InputError(f"fdg_head: raw decoder output must be [N, 7]; got {tuple(raw.shape)}")
-    raw = raw.float()
-    offset = (1 + 2 * voxel_margin) * torch.sigmoid(raw[:, 0:3]) - voxel_margin
-    flags = raw[:, 3:6] > 0
-    split = F.softplus(raw[:, 6:7])
-    return offset, flags, split
 
 
 class FlexiDualGridVaeDecoder(SparseUnetVaeDecoder):

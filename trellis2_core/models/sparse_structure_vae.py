@@ -127,13 +127,17 @@ class DownsampleBlock3d(nn.Module):
         return self.conv(x)
 
 
+def _check_int(value, name: str, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
 def _check_common(cfg) -> None:
-    if not cfg.channels or any(not isinstance(c, int) or c <= 0 for c in cfg.channels):
+    if not cfg.channels or any(isinstance(c, bool) or not isinstance(c, int) or c <= 0 for c in cfg.channels):
         raise ConfigError(f"channels must be a non-empty list of positive ints; got {list(cfg.channels)}")
-    for name in ("latent_channels", "num_res_blocks", "num_res_blocks_middle"):
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or v < 0 or (name == "latent_channels" and v == 0):
-            raise ConfigError(f"{name} must be a {'positive' if name == 'latent_channels' else 'non-negative'} int; got {v!r}")
+    _check_int(cfg.latent_channels, "latent_channels", 1)
+    _check_int(cfg.num_res_blocks, "num_res_blocks", 0)
+    _check_int(cfg.num_res_blocks_middle, "num_res_blocks_middle", 0)
     if cfg.norm_type not in _NORM_TYPES:
         raise ConfigError(f"norm_type must be one of {_NORM_TYPES}; got {cfg.norm_type!r}")
 
@@ -152,8 +156,7 @@ class SparseStructureEncoderConfig(ModelConfig):
 
     def __post_init__(self):
         _check_common(self)
-        if not isinstance(self.in_channels, int) or self.in_channels <= 0:
-            raise ConfigError(f"in_channels must be a positive int; got {self.in_channels!r}")
+        _check_int(self.in_channels, "in_channels", 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +173,7 @@ class SparseStructureDecoderConfig(ModelConfig):
 
     def __post_init__(self):
         _check_common(self)
-        if not isinstance(self.out_channels, int) or self.out_channels <= 0:
-            raise ConfigError(f"out_channels must be a positive int; got {self.out_channels!r}")
+        _check_int(self.out_channels, "out_channels", 1)
 
 
 def _block_dtype(cfg, dtype: torch.dtype | None) -> torch.dtype:
