@@ -22,7 +22,9 @@ Weights are seeded random (every tensor, including the ones the reference zero-i
 dtypes the module holds for its config (bf16 DiT blocks, fp16 VAE blocks, fp32 elsewhere), like the released
 files. Two biases are set so random runs stay small on a CPU: the SS decoder's output bias
 (``SS_LOGIT_BIAS``) occupies ~0.1% of the 64^3 grid, and the shape decoder's ``to_subdiv`` biases
-(``SUBDIV_LOGIT_BIAS``) keep ~2 of the 8 children per level.
+(``SUBDIV_LOGIT_BIAS``) keep few of the 8 children per level, except the last level, which keeps all 8
+(``FINAL_SUBDIV_LOGIT_BIAS``) while the edge-flag bias (``EDGE_FLAG_LOGIT_BIAS``) flags most edges, so a smoke run
+yields a real (blocky) surface that the mesh, bake and export stages can work on.
 
 CLI: ``python -m trellis2.trellis2_core.testing.tiny_snapshot DIR [--seed N] [--no-dinov3] [--force]``.
 """
@@ -45,11 +47,16 @@ from ..errors import InputError
 from ..models import from_config
 from ..weights import DINOV3_REPO, OFFICIAL_MODELS
 
-# Measured with the tiny weights (seed 0) on standard-normal latents: the bias-free SS logits have std 0.52,
-# so -1.2 occupies ~0.1% of 64^3 (~300 coords on the 32^3 grid after the 2x max-pool). The bias-free to_subdiv
-# logits have std ~4, so -2.2 keeps ~20-30% of the children per level: ~300 latent voxels decode to ~3000.
+# Measured with the tiny weights (seed 0): the bias-free SS logits of a standard-normal latent have std 0.52,
+# so -1.2 occupies ~0.1% of 64^3, i.e. a few hundred coords on the 32^3 grid after the 2x max-pool (200-400 in
+# full pipeline runs). The bias-free to_subdiv logits have std 4-8; with -4 the '512' pipeline decodes those
+# into ~1-2k level-3 voxels with the official 12 steps and more with 2 steps (larger latents).
+# The last C2S level keeps all 8 children (logits of std <= 8 plus 40 are positive) and the edge-flag logits
+# lean positive, so the decoded voxels form full 2x2x2 blocks whose inner quads exist: a real (blocky) surface.
 SS_LOGIT_BIAS = -1.2
-SUBDIV_LOGIT_BIAS = -2.2
+SUBDIV_LOGIT_BIAS = -4.0
+FINAL_SUBDIV_LOGIT_BIAS = 40.0
+EDGE_FLAG_LOGIT_BIAS = 2.0
 
 _DIT = dict(
     model_channels=64, cond_channels=64, num_blocks=2, num_heads=2, mlp_ratio=5.3334, pe_mode="rope",
@@ -181,9 +188,14 @@ def _calibrate(config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
     """Set the biases that decide how many voxels random weights produce (see the module docstring)."""
     if config["name"] == "SparseStructureDecoder":
         state["out_layer.2.bias"].fill_(SS_LOGIT_BIAS)
-    for key in state:
-        if key.endswith("to_subdiv.bias"):
-            state[key].fill_(SUBDIV_LOGIT_BIAS)
+    subdiv = sorted(k for k in state if k.endswith("to_subdiv.bias"))
+    for key in subdiv:
+        state[key].fill_(SUBDIV_LOGIT_BIAS)
+    if config["name"] == "FlexiDualGridVaeDecoder" and subdiv:
+        # Smoke runs must yield a real surface: the last level keeps all 8 children, so every parent becomes a
+        # full 2x2x2 block, and the edge-flag logits lean positive, so the quads inside each block exist.
+        state[subdiv[-1]].fill_(FINAL_SUBDIV_LOGIT_BIAS)
+        state["output_layer.bias"][3:6] = EDGE_FLAG_LOGIT_BIAS
 
 
 def _write_json(path: Path, data: Any) -> None:
