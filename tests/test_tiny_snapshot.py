@@ -114,6 +114,18 @@ def test_random_runs_stay_small(snap):
         occ = decoder(torch.randn(1, 8, 16, 16, 16, generator=torch.Generator().manual_seed(0))) > 0
     pooled = torch.nn.functional.max_pool3d(occ.float(), 2, 2, 0) > 0.5
     assert 20 < int(pooled.sum()) < 2000  # SS_LOGIT_BIAS: a few hundred voxels on the 32^3 grid
+    if not _importable("FlexiDualGridVaeDecoder"):
+        return
+    from trellis2.trellis2_core.sparse import SparseTensor
+
+    coords = torch.argwhere(pooled[0, 0])[:50]
+    coords = torch.cat([torch.zeros(len(coords), 1, dtype=coords.dtype), coords], 1).int()
+    decoder = load_model(snap / "ckpts/shape_dec_next_dc_f16c32_fp16.json", "cpu", dtype=torch.float32)
+    latent = SparseTensor(torch.randn(len(coords), 32, generator=torch.Generator().manual_seed(1)) * 5, coords)
+    with torch.no_grad():
+        _, subs = decoder(latent, return_subs=True)
+    kept = [float((s.feats > 0).float().mean()) for s in subs]
+    assert all(0 < k < 0.5 for k in kept[:-1]) and kept[-1] == 1.0, kept  # few children, then full 2x2x2 blocks
 
 
 def test_cli_refuses_non_empty_folder(tmp_path, capsys):

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import MANIFESTS
 from trellis2.trellis2_core import checkpoints, hub, weights
 from trellis2.trellis2_core.checkpoints import load_model, read_safetensors_header
 from trellis2.trellis2_core.errors import CheckpointError, ConfigError
@@ -83,7 +84,7 @@ def test_missing_weights_and_config(snap):
 def test_truncated_file(snap, keep):
     path = snap / f"{SHAPE_DEC}.safetensors"
     data = path.read_bytes()
-    path.write_bytes(data[:keep] if keep > 0 else data[:keep])
+    path.write_bytes(data[:keep])  # keep > 0: the first bytes only; keep < 0: all but the last bytes
     with pytest.raises(CheckpointError) as e:
         load_model(snap / f"{SHAPE_DEC}.json", "cpu")
     msg = str(e.value)
@@ -356,3 +357,29 @@ def test_download_into_local_dir_then_use_it_offline(snap, monkeypatch, tmp_path
     again = resolve_pipeline(models_dir)  # the download folder is a complete local source
     assert {r: m.weights_path for r, m in again.models.items()} == {r: m.weights_path for r, m in got.models.items()}
     assert again.dinov3_path == models_dir / "dinov3"
+
+
+_MANIFESTS = sorted(p for p in MANIFESTS.glob("*.json") if not p.stem.startswith("_") and p.stem != "pipeline")
+_KIND = {
+    "ss_flow": "sparse-structure flow", "slat_flow_img2shape": "shape latent flow",
+    "slat_flow_imgshape2tex": "texture latent flow", "shape_dec": "shape SC-VAE decoder",
+    "tex_dec": "texture SC-VAE decoder", "shape_enc": "SC-VAE encoder", "tex_enc": "SC-VAE encoder",
+    "ss_dec": "sparse-structure decoder", "ss_enc": "sparse-structure encoder",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("manifest", _MANIFESTS, ids=lambda p: p.stem)
+def test_official_file_layout_passes_the_key_audit(manifest):
+    """A file with exactly the official keys/shapes (+ the SS flow's rope_phases buffer) fits its official config,
+    and the 'checkpoint of another model' heuristic names every official checkpoint correctly."""
+    from trellis2.trellis2_core.models import from_config
+
+    m = json.loads(manifest.read_text())
+    header = {k: checkpoints.TensorInfo(v["dtype"], tuple(v["shape"]), 0, 0)
+              for k, v in {**m["params"], **m.get("persistent_buffers", {})}.items()}  # fmt: skip
+    expected = from_config(m["config"], device="meta").state_dict()
+    checkpoints.check_keys(expected, header, weights_path=Path("x.safetensors"), config_source="x.json",
+                           model_name=m["config"]["name"])  # fmt: skip
+    kind = checkpoints.guess_checkpoint_kind({k: v.shape for k, v in header.items()})
+    prefix = next(p for p in sorted(_KIND, key=len, reverse=True) if manifest.stem.startswith(p))
+    assert _KIND[prefix] in kind, (manifest.stem, kind)

@@ -1,9 +1,134 @@
-"""Submanifold 3x3x3 sparse convolution (the only conv of the SC-VAEs).
+"""Submanifold 3x3x3 sparse convolution (the only conv of the SC-VAEs), with its backend chosen at call time.
 
-``reference`` is plain torch (the CPU/MPS path and the ground truth for the Triton kernel a later task adds
-as ``triton.py``). Both share the neighbour-map contract of ``reference.build_neighbours``.
+``reference`` is plain torch (the CPU/MPS path and the ground truth); ``triton`` is the CUDA implicit-GEMM kernel.
+Both share the neighbour-map contract of ``reference.build_neighbours``.
+
+Backend order (STYLE.md item 6), resolved on every call, never at import:
+  1. the ``backend=`` argument of ``submanifold_conv3d``;
+  2. the innermost ``use_backend(...)`` context;
+  3. the environment variable ``TRELLIS2_SPCONV_BACKEND`` (read at call time);
+  4. "auto": triton for CUDA tensors when triton imports, else the reference (quietly).
+Values: "auto", "torch" (alias "reference"), "triton". An explicit "triton" that cannot run raises
+``BackendUnavailableError`` naming what is missing (triton not installed, tensors not on CUDA).
 """
 
-from .reference import build_neighbours, submanifold_conv3d
+from __future__ import annotations
 
-__all__ = ["build_neighbours", "submanifold_conv3d"]
+import contextlib
+import importlib
+import os
+import threading
+from typing import Iterator
+
+import torch
+
+from . import reference
+from .reference import build_neighbours
+
+ENV_VAR = "TRELLIS2_SPCONV_BACKEND"
+BACKENDS = ("auto", "torch", "reference", "triton")
+
+_local = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here (missing package or wrong device)."""
+
+
+def _normalise(name: str, where: str) -> str:
+    value = name.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"{where}: sparse-conv backend must be one of {list(BACKENDS)}; got {name!r}")
+    return "torch" if value == "reference" else value
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within this block, ``submanifold_conv3d`` calls without ``backend=`` use ``name`` (thread-local, nestable)."""
+    value = _normalise(name, "use_backend(name)")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(value)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend name in force for a call: argument > context > env var > "auto" (not yet resolved)."""
+    if backend is not None:
+        return _normalise(backend, "backend argument")
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return _normalise(env, f"environment variable {ENV_VAR}")
+    return "auto"
+
+
+def _triton_module(required: bool):
+    """The triton kernel module, or None (auto) / BackendUnavailableError (explicit) when triton is missing."""
+    try:
+        return importlib.import_module(".triton", __name__)
+    except ImportError as exc:
+        if required:
+            raise BackendUnavailableError(
+                f"sparse-conv backend 'triton' was requested but triton cannot be imported ({exc}); install the "
+                f"'cuda' extra (pip install triton) or choose backend 'torch' / unset {ENV_VAR}"
+            ) from exc
+        return None
+
+
+def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+    """The backend a call on ``device`` will run: "torch" or "triton". Raises if an explicit triton cannot run."""
+    name = requested_backend(backend)
+    if name == "torch":
+        return "torch"
+    if name == "triton":
+        if device.type != "cuda":
+            raise BackendUnavailableError(
+                f"sparse-conv backend 'triton' needs CUDA tensors; got tensors on '{device}'. Move them to a "
+                f"CUDA device or choose backend 'torch' (the CPU/MPS path)"
+            )
+        _triton_module(required=True)
+        return "triton"
+    if device.type == "cuda" and _triton_module(required=False) is not None:
+        return "triton"
+    return "torch"
+
+
+def submanifold_conv3d(
+    feats: torch.Tensor,
+    neighbours: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str | None = None,
+    chunk_rows: int | None = None,
+    max_bytes: int = reference.DEFAULT_MAX_BYTES,
+) -> torch.Tensor:
+    """Submanifold 3x3x3 convolution; see ``reference.submanifold_conv3d`` for shapes and semantics.
+
+    backend: "auto" / "torch" / "triton" / None (= context, then env var, then auto).
+    chunk_rows, max_bytes: only the torch backend materialises a gathered block; they bound its size (memory).
+    The triton backend holds no temporary beyond the [N, Co] output.
+    """
+    if resolve_backend(feats.device, backend) == "triton":
+        return _triton_module(required=True).submanifold_conv3d(feats, neighbours, weight, bias)
+    return reference.submanifold_conv3d(feats, neighbours, weight, bias, chunk_rows=chunk_rows, max_bytes=max_bytes)
+
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "build_neighbours",
+    "reference",
+    "requested_backend",
+    "resolve_backend",
+    "submanifold_conv3d",
+    "use_backend",
+]

@@ -4,6 +4,9 @@ The negative condition is all-zero tokens of the condition's shape (SPEC 13.4). 
 condition and the negative condition as one batch of two by default: every TRELLIS.2 flow treats batch items
 independently (sparse attention is per item), so this is exact and halves the number of model launches;
 pass ``batched_cfg=False`` to trade that speed for the memory of one item.
+
+A condition of V > 1 views ([V, L, C]) goes through ``multiview.prepare`` (see multiview.py for the modes);
+V = 1 takes the single-view path unchanged.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from typing import Any, Callable
 import torch
 
 from ..sampling import SamplerParams, sample
+from ..errors import InputError
 from ..sparse import SparseTensor
+from . import multiview
 
 
 def run_sampler(
@@ -25,15 +30,26 @@ def run_sampler(
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     batched_cfg: bool = True,
+    multiview_mode: str = "concat",
     **model_kwargs: Any,
 ) -> torch.Tensor | SparseTensor:
-    """The sample at t = 0 for ``noise`` (dense [1, ...] or a SparseTensor of one item) under ``cond`` [1, L, C]."""
+    """The sample at t = 0 for ``noise`` (dense [1, ...] or a SparseTensor of one item) under ``cond`` [V, L, C].
+
+    V = 1: one image (the reference's path). V > 1: views combined per ``multiview_mode`` (multiview.py).
+    """
+    if not torch.is_tensor(cond) or cond.dim() != 3 or cond.shape[0] < 1:
+        got = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
+        raise InputError(f"cond must be DINOv3 tokens [V, L, C] (V views, usually 1); got {got}")
+    multiview.check_mode(multiview_mode)
     cond = cond.to(noise.device)
+    neg_cond = torch.zeros_like(cond)
+    if cond.shape[0] > 1:
+        model, cond, neg_cond, progress, batched_cfg = multiview.prepare(model, cond, multiview_mode, progress, batched_cfg)
     result = sample(
         model,
         noise,
         cond,
-        torch.zeros_like(cond),
+        neg_cond,
         params,
         progress=progress,
         should_stop=should_stop,

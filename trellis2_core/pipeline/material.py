@@ -47,7 +47,8 @@ def sample_material(
         noise = rng.randn((concat.coords.shape[0], n_noise), generator, device)
         x = concat.replace(noise)  # same voxels: shares the neighbour caches
         out = run_sampler(
-            flow, x, cond.at(cond_res), params, progress=progress, should_stop=should_stop, concat_cond=concat
+            flow, x, cond.at(cond_res), params, progress=progress, should_stop=should_stop, concat_cond=concat,
+            multiview_mode=cond.multiview_mode,
         )
     latent = out.replace(denormalise(out.feats.float(), tex_normalization))
     return MaterialLatent(latent=latent, resolution=shape.resolution, rng_state=generator.get_state())

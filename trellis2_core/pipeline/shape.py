@@ -59,11 +59,12 @@ def _flow(
     generator: torch.Generator,
     progress,
     should_stop,
+    multiview_mode: str = "concat",
 ) -> SparseTensor:
     with components.use(role) as flow:
         noise = rng.randn((coords.shape[0], flow.config.in_channels), generator, components.device)
         x = SparseTensor(noise, coords.to(components.device))
-        out = run_sampler(flow, x, cond, params, progress=progress, should_stop=should_stop)
+        out = run_sampler(flow, x, cond, params, progress=progress, should_stop=should_stop, multiview_mode=multiview_mode)
     return out.replace(denormalise(out.feats.float(), norm))
 
 
@@ -115,7 +116,7 @@ def sample_shape(
 
     latent = _flow(
         components, p.shape_models[0], structure.coords, cond.at(p.shape_cond[0]), params, normalization,
-        generator, stage_progress(0), should_stop,
+        generator, stage_progress(0), should_stop, cond.multiview_mode,
     )  # fmt: skip
     resolution = 16 * structure.resolution  # the SC-VAE upsamples the latent grid 16x per axis
     if p.cascade:
@@ -125,6 +126,6 @@ def sample_shape(
         coords, resolution = hr_coords_for(up_coords, 512, p.target_resolution, max_tokens)
         latent = _flow(
             components, p.shape_models[1], coords, cond.at(p.shape_cond[1]), params, normalization,
-            generator, stage_progress(params.steps), should_stop,
+            generator, stage_progress(params.steps), should_stop, cond.multiview_mode,
         )  # fmt: skip
     return ShapeLatent(latent=latent, resolution=resolution, rng_state=generator.get_state())

@@ -43,7 +43,8 @@ def sample_structure(
     with components.use(FLOW) as flow:
         cfg = flow.config
         noise = rng.randn((1, cfg.in_channels, cfg.resolution, cfg.resolution, cfg.resolution), generator, device)
-        z = run_sampler(flow, noise, cond.at(512), params, progress=progress, should_stop=should_stop)
+        z = run_sampler(flow, noise, cond.at(512), params, progress=progress, should_stop=should_stop,
+                        multiview_mode=cond.multiview_mode)
     with components.use(DECODER) as decoder:
         logits = decoder(z)
     coords = occupancy_coords(logits, resolution)

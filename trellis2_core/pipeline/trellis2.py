@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from PIL import Image
@@ -21,6 +21,7 @@ from ..checkpoints import load_model, read_model_config
 from ..conditioning import DinoV3Conditioner
 from ..errors import InputError
 from ..image import preprocess_image
+from ..mesh.mesh import Mesh
 from ..ovoxel.ovoxel import OVoxel
 from ..sampling import SamplerParams
 from ..weights import DEFAULT_REPO, PipelineFiles, resolve_pipeline
@@ -28,6 +29,8 @@ from . import rng
 from .components import Components, ComponentSource, Policy
 from .decode import decode_material, decode_shape
 from .material import sample_material, tex_role
+from .multiview import stack_views
+from .retexture import Retexture, check_resolution, retexture_mesh
 from .shape import MAX_TOKENS, sample_shape
 from .structure import sample_structure
 from .types import PIPELINE_TYPES, Conditioning, MaterialLatent, ShapeLatent, Structure, plan
@@ -111,15 +114,21 @@ class Trellis2Pipeline:
 
     # ------------------------------------------------------------------------------------------- stages
     @torch.no_grad()
-    def condition(self, image: Image.Image, resolutions: Iterable[int] = (512, 1024), *, preprocess: bool = True) -> Conditioning:
-        """DINOv3 tokens of one image at each resolution (an RGBA image is cropped and premultiplied first)."""
+    def condition(self, image: Image.Image | Sequence[Image.Image], resolutions: Iterable[int] = (512, 1024), *,
+                  preprocess: bool = True, multiview_mode: str = "concat") -> Conditioning:  # fmt: skip
+        """DINOv3 tokens [V, L, C] of one image (V = 1) or of several views of one object, at each resolution.
+
+        Each image is cropped and premultiplied first (RGBA). multiview_mode: how the stages combine V > 1
+        views ("concat", "average", "alternate"; see pipeline/multiview.py).
+        """
+        images = [image] if isinstance(image, Image.Image) else list(image)
         if preprocess:
-            image = preprocess_image(image)
+            images = [preprocess_image(im) for im in images]
         tokens = {}
         with self.components.use(IMAGE_COND) as dino:
             for res in sorted(set(resolutions)):
-                tokens[res] = dino.encode(image, res).float()
-        return Conditioning(tokens=tokens)
+                tokens[res] = stack_views([dino.encode(im, res).float() for im in images])
+        return Conditioning(tokens=tokens, multiview_mode=multiview_mode)
 
     def structure(self, cond: Conditioning, *, pipeline_type: str, generator: torch.Generator, params: SamplerParams | None = None,
                   progress: Progress | None = None, should_stop=None) -> Structure:  # fmt: skip
@@ -162,7 +171,7 @@ class Trellis2Pipeline:
     # ------------------------------------------------------------------------------------------- end to end
     def generate(
         self,
-        image: Image.Image,
+        image: Image.Image | Sequence[Image.Image],
         *,
         seed: int = 42,
         pipeline_type: str | None = None,
@@ -172,12 +181,14 @@ class Trellis2Pipeline:
         preprocess: bool = True,
         progress: Progress | None = None,
         should_stop: Callable[[], bool] | None = None,
+        multiview_mode: str = "concat",
     ) -> Generation:
-        """Image to textured O-Voxel, reproducing the reference's ``run`` for the same seed.
+        """Image (or a list of views of one object) to textured O-Voxel, reproducing the reference's ``run``.
 
         structure: use this sparse structure instead of sampling one (stage 1 is skipped; its noise is still
         drawn so later stages see the reference's random stream). progress(done, total) counts sampler steps
         over all stages. should_stop() is polled between steps; True raises ``Interrupted``.
+        multiview_mode: how several views are combined (pipeline/multiview.py); one image ignores it.
         """
         pipeline_type = pipeline_type or self.default_pipeline_type
         p = plan(pipeline_type)
@@ -186,7 +197,7 @@ class Trellis2Pipeline:
         if unknown:
             raise InputError(f"sampler_overrides has unknown stage(s) {unknown}; stages are {list(STAGES)}")
         params = {s: self.sampler_params(s, **overrides.get(s, {})) for s in STAGES}
-        cond = self.condition(image, p.cond_resolutions, preprocess=preprocess)
+        cond = self.condition(image, p.cond_resolutions, preprocess=preprocess, multiview_mode=multiview_mode)
 
         g = rng.generator(seed)
         total = params["sparse_structure"].steps + params["shape_slat"].steps * len(p.shape_models) + params["tex_slat"].steps
@@ -213,6 +224,46 @@ class Trellis2Pipeline:
         material = self.material(cond, shape, generator=g, params=params["tex_slat"], progress=sub(done[0]), should_stop=should_stop)
         ovoxel = self.decode(shape, material)
         return Generation(ovoxel=ovoxel, structure=structure, shape=shape, material=material, conditioning=cond)
+
+    def retexture(
+        self,
+        mesh: Mesh,
+        image: Image.Image | Sequence[Image.Image],
+        *,
+        seed: int = 42,
+        resolution: int = 1024,
+        texture_size: int = 2048,
+        keep_uvs: bool = True,
+        sampler_overrides: dict[str, Any] | None = None,
+        preprocess: bool = True,
+        multiview_mode: str = "concat",
+        progress: Progress | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Retexture:
+        """PBR textures for the user's ``mesh`` (glTF Y-up, any scale) from an image or views (SPEC 16).
+
+        Needs the texturing roles (``from_pretrained(..., config_file="texturing_pipeline.json")``).
+        resolution: voxel grid R (1024 reference default, 512 faster). sampler_overrides: tex_slat sampler params.
+        The returned mesh keeps the user's geometry (see pipeline/retexture.py). Same seed, same result.
+        """
+        check_resolution(resolution)
+        missing = [r for r in ("shape_slat_encoder", "tex_slat_decoder") if not self.components.has(r)] \
+            if hasattr(self.components, "has") else []  # fmt: skip
+        if missing:
+            raise InputError(
+                f"retexture needs the texturing models {missing}, which pipeline.json does not list; load the "
+                "pipeline with Trellis2Pipeline.from_pretrained(source, config_file='texturing_pipeline.json')"
+            )
+        _, cond_res = tex_role(resolution)
+        cond = self.condition(image, (cond_res,), preprocess=preprocess, multiview_mode=multiview_mode)
+        return retexture_mesh(
+            self.components, cond, mesh, resolution=resolution,
+            params=self.sampler_params("tex_slat", **(sampler_overrides or {})),
+            shape_normalization=self.files.normalizations["shape_slat_normalization"],
+            tex_normalization=self.files.normalizations["tex_slat_normalization"],
+            generator=rng.generator(seed), texture_size=texture_size, keep_uvs=keep_uvs,
+            progress=progress, should_stop=should_stop,
+        )  # fmt: skip
 
 
 __all__ = ["Generation", "Trellis2Pipeline", "PIPELINE_TYPES", "default_device", "default_dtype", "tex_role"]

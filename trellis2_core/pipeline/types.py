@@ -13,6 +13,7 @@ import torch
 
 from ..errors import InputError
 from ..sparse import SparseTensor
+from .multiview import check_mode
 
 PIPELINE_TYPES = ("512", "1024", "1024_cascade", "1536_cascade")
 
@@ -64,9 +65,22 @@ class Conditioning:
 
     V is the number of views (1 for a single image). The negative condition is all-zero tokens of the
     same shape (SPEC 13.4), made on demand so it costs no memory until a guided step needs it.
+    multiview_mode: how the stages combine V > 1 views ("concat", "average", "alternate"; multiview.py);
+    ignored for one view. ``with_multiview_mode`` returns a copy with another mode.
     """
 
     tokens: dict[int, torch.Tensor]
+    multiview_mode: str = "concat"
+
+    def __post_init__(self) -> None:
+        check_mode(self.multiview_mode)
+        views = {int(t.shape[0]) for t in self.tokens.values()}
+        if not self.tokens or len(views) != 1 or any(t.dim() != 3 for t in self.tokens.values()):
+            shapes = {r: tuple(t.shape) for r, t in self.tokens.items()}
+            raise InputError(f"Conditioning.tokens must map resolution -> [V, L, C] with one V for all; got {shapes}")
+
+    def with_multiview_mode(self, mode: str) -> Conditioning:
+        return dataclasses.replace(self, multiview_mode=mode)
 
     def at(self, resolution: int) -> torch.Tensor:
         if resolution not in self.tokens:

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
+from ...kernels import sparse_conv as _spconv
 from ...kernels.sparse_conv import reference as _reference
 from .tensor import SparseTensor
 
@@ -71,5 +72,5 @@ class SparseConv3d(nn.Module):
         nbr = neighbour_map(x)
         w = self.weight
         feats = x.feats.to(w.dtype)
-        out = _reference.submanifold_conv3d(feats, nbr, w, self.bias)
+        out = _spconv.submanifold_conv3d(feats, nbr, w, self.bias)  # backend chosen per call (kernels.sparse_conv)
         return x.replace(out)

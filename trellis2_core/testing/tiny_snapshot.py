@@ -20,7 +20,7 @@ Tiny architecture (what the pipeline depends on is kept official):
 
 Weights are seeded random (every tensor, including the ones the reference zero-initialises) and stored in the
 dtypes the module holds for its config (bf16 DiT blocks, fp16 VAE blocks, fp32 elsewhere), like the released
-files. Two biases are set so random runs stay small on a CPU: the SS decoder's output bias
+files. A few biases are set so random runs stay small on a CPU: the SS decoder's output bias
 (``SS_LOGIT_BIAS``) occupies ~0.1% of the 64^3 grid, and the shape decoder's ``to_subdiv`` biases
 (``SUBDIV_LOGIT_BIAS``) keep few of the 8 children per level, except the last level, which keeps all 8
 (``FINAL_SUBDIV_LOGIT_BIAS``) while the edge-flag bias (``EDGE_FLAG_LOGIT_BIAS``) flags most edges, so a smoke run
@@ -47,14 +47,14 @@ from ..errors import InputError
 from ..models import from_config
 from ..weights import DINOV3_REPO, OFFICIAL_MODELS
 
-# Measured with the tiny weights (seed 0): the bias-free SS logits of a standard-normal latent have std 0.52,
-# so -1.2 occupies ~0.1% of 64^3, i.e. a few hundred coords on the 32^3 grid after the 2x max-pool (200-400 in
-# full pipeline runs). The bias-free to_subdiv logits have std 4-8; with -4 the '512' pipeline decodes those
-# into ~1-2k level-3 voxels with the official 12 steps and more with 2 steps (larger latents).
+# Measured with the tiny weights (seed 0, full pipeline runs): the bias-free SS logits have std ~0.5, so -1.2
+# occupies ~0.1% of 64^3: 200-400 structure coords on the 32^3 grid. The bias-free to_subdiv logits have std 4-8
+# and grow with the latent's magnitude; with -5 (and the last level keeping all 8 children, see below) the '512'
+# and '1024_cascade' pipelines decode ~2-3k O-Voxels with the official 12 steps, ~30-45k with 2 steps.
 # The last C2S level keeps all 8 children (logits of std <= 8 plus 40 are positive) and the edge-flag logits
 # lean positive, so the decoded voxels form full 2x2x2 blocks whose inner quads exist: a real (blocky) surface.
 SS_LOGIT_BIAS = -1.2
-SUBDIV_LOGIT_BIAS = -4.0
+SUBDIV_LOGIT_BIAS = -5.0
 FINAL_SUBDIV_LOGIT_BIAS = 40.0
 EDGE_FLAG_LOGIT_BIAS = 2.0
 

@@ -1,0 +1,225 @@
+"""End-to-end sampling + decode benchmark of every pipeline type at official size (random weights), on CUDA.
+
+    python3 bench/bench_pipeline.py                                   # all types, unconstrained, + sparse-conv table
+    python3 bench/bench_pipeline.py --vram-budget 12 --types 1024_cascade --no-kernels   # issue 9: 12 GB
+    python3 bench/bench_pipeline.py --vram-budget 8 --types 512 --no-kernels             # issue 9: 8 GB
+
+Models are built from tests/data/manifests (meta -> cuda, random normals); structures are fixed sphere shells
+(bench/_models.py SHELLS: ~3k tokens at 512, ~12.5k HR tokens at 1024_cascade, ~49k at 1536_cascade) and the
+random shape decoder is made to subdivide onto the same shell, so voxel counts are realistic and repeatable.
+Sampling uses pipeline.json's samplers (12 steps, official guidance); conditioning is random [1,1029,1024] and
+[1,4101,1024]. Per stage: time, matrix FLOPs (hooks; sparse convs counted at all 27 taps), TFLOP/s and % of a bf16
+torch.mm ceiling measured in the same run, peak memory. ``--vram-budget GB`` caps the caching allocator with
+torch.cuda.set_per_process_memory_fraction and uses the 'offload' component policy (weights in CPU RAM between
+stages). ``--log FILE`` appends the rows as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _models as M  # noqa: E402
+
+from trellis2.kernels import sparse_conv as spconv  # noqa: E402
+from trellis2.trellis2_core.pipeline.decode import decode_material, decode_shape  # noqa: E402
+from trellis2.trellis2_core.pipeline.material import sample_material  # noqa: E402
+from trellis2.trellis2_core.pipeline.shape import sample_shape  # noqa: E402
+from trellis2.trellis2_core.pipeline.structure import sample_structure  # noqa: E402
+from trellis2.trellis2_core.pipeline.types import Conditioning, Structure, plan  # noqa: E402
+from trellis2.trellis2_core.sampling import SamplerParams  # noqa: E402
+
+GIB = 2**30
+SHORT = {
+    "sparse_structure_flow_model": "ss_flow", "sparse_structure_decoder": "ss_dec",
+    "shape_slat_flow_model_512": "shape_flow_512", "shape_slat_flow_model_1024": "shape_flow_1024",
+    "tex_slat_flow_model_512": "tex_flow_512", "tex_slat_flow_model_1024": "tex_flow_1024",
+    "shape_slat_decoder": "shape_dec", "tex_slat_decoder": "tex_dec",
+}  # fmt: skip
+LOG: list[dict] = []
+
+
+def emit(line: str, **row) -> None:
+    print(line, flush=True)
+    if row:
+        LOG.append(row)
+
+
+def cuda_time(fn, reps: int = 10, warm: int = 2) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs, timed with CUDA events."""
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts)
+
+
+def matmul_ceiling() -> float:
+    """bf16 TFLOP/s of an 8192^3 torch.mm on random data (the matrix-unit ceiling of this GPU and stack)."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    t = cuda_time(lambda: torch.mm(a, b), reps=20, warm=5)
+    return 2 * 8192**3 / t / 1e12
+
+
+# ------------------------------------------------------------------------------------------------ sparse conv
+CONV_CASES = [  # (grid, Ci, Co): the shape decoder's levels at 1024^3 (ConvNeXt convs C->C, one up-conv C->8C/2)
+    (64, 1024, 1024), (128, 512, 512), (256, 256, 256), (512, 128, 128), (512, 128, 512), (1024, 64, 64),
+]  # fmt: skip
+
+
+def conv_table(ceiling: float, dtype=torch.float16) -> None:
+    emit(f"\n## sparse conv 3x3x3, {str(dtype)[6:]}, sphere shell rho=0.4 (ms; nominal TFLOP/s counts all 27 taps)")
+    emit(f"{'grid':>5} {'Ci':>5} {'Co':>5} {'voxels':>9} {'nbr%':>5} {'nbr_ms':>7} {'triton':>8} {'torch':>8} "
+         f"{'dense':>8} {'tri_TF':>7} {'tri_eff':>7} {'ref_TF':>7} {'dense_TF':>8} {'rel_err':>8}")  # fmt: skip
+    for grid, ci, co in CONV_CASES:
+        try:
+            coords = M.shell_coords(grid, 0.4, 0.0, "cuda")
+            n = coords.shape[0]
+            t_nbr = cuda_time(lambda: spconv.build_neighbours(coords), reps=3, warm=1)
+            nbr = spconv.build_neighbours(coords)
+            present = (nbr >= 0).sum().item() / n
+            feats = torch.randn(n, ci, device="cuda", dtype=dtype)
+            w = (torch.randn(co, 3, 3, 3, ci, device="cuda") / (27 * ci) ** 0.5).to(dtype)
+            bias = torch.randn(co, device="cuda", dtype=dtype)
+            out = spconv.submanifold_conv3d(feats, nbr, w, bias, backend="triton")
+            ref = spconv.submanifold_conv3d(feats, nbr, w, bias, backend="torch")
+            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            del out, ref
+            t_tri = cuda_time(lambda: spconv.submanifold_conv3d(feats, nbr, w, bias, backend="triton"))
+            t_ref = cuda_time(lambda: spconv.submanifold_conv3d(feats, nbr, w, bias, backend="torch"), reps=5)
+            t_dense, dense_tf = float("nan"), float("nan")
+            if grid**3 * (ci + co) * 2 <= 24 * GIB:
+                dense = torch.zeros(1, ci, grid, grid, grid, device="cuda", dtype=dtype).to(memory_format=torch.channels_last_3d)
+                c = coords.long()
+                dense[0, :, c[:, 1], c[:, 2], c[:, 3]] = feats.t()
+                wd = w.permute(0, 4, 1, 2, 3).contiguous(memory_format=torch.channels_last_3d)
+                t_dense = cuda_time(lambda: F.conv3d(dense, wd, bias, padding=1), reps=3, warm=1)
+                dense_tf = 2 * grid**3 * 27 * ci * co / t_dense / 1e12
+                del dense
+            flops = 2 * n * 27 * ci * co
+            emit(
+                f"{grid:5d} {ci:5d} {co:5d} {n:9d} {100 * present / 27:5.1f} {t_nbr * 1e3:7.2f} {t_tri * 1e3:8.2f} "
+                f"{t_ref * 1e3:8.2f} {t_dense * 1e3:8.2f} {flops / t_tri / 1e12:7.1f} {flops * present / 27 / t_tri / 1e12:7.1f} "
+                f"{flops / t_ref / 1e12:7.1f} {dense_tf:8.1f} {err:8.1e}",
+                kind="conv", grid=grid, ci=ci, co=co, voxels=n, nbr_frac=present / 27, t_nbr=t_nbr, t_triton=t_tri,
+                t_torch=t_ref, t_dense=t_dense, rel_err=err, ceiling=ceiling,
+            )  # fmt: skip
+            del feats, nbr
+        except torch.OutOfMemoryError as e:
+            emit(f"{grid:5d} {ci:5d} {co:5d} OOM: {str(e)[:120]}")
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+def sampler(stage: str) -> SamplerParams:
+    return SamplerParams.from_pipeline_entry(M.PIPELINE[f"{stage}_sampler"])
+
+
+def run_pipeline(ptype: str, comps: M.TimedComponents, cond: Conditioning) -> dict:
+    """Sampling + decode of one pipeline type on its fixed shell; returns counts and wall time."""
+    p = plan(ptype)
+    rho, w = M.SHELLS[ptype]
+    M.SHELL_NOW.update(rho=rho, w=w)
+    comps.records.clear()
+    g = torch.Generator().manual_seed(0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    sample_structure(comps, cond, resolution=p.structure_resolution, params=sampler("sparse_structure"), generator=g)
+    structure = Structure(coords=M.shell_coords(32, rho, w, comps.device), resolution=32)  # fixed, not the random one
+    shape = sample_shape(
+        comps, cond, structure, pipeline_type=ptype, params=sampler("shape_slat"),
+        normalization=M.normalization("shape_slat_normalization"), generator=g,
+    )  # fmt: skip
+    material = sample_material(
+        comps, cond, shape, params=sampler("tex_slat"), shape_normalization=M.normalization("shape_slat_normalization"),
+        tex_normalization=M.normalization("tex_slat_normalization"), generator=g,
+    )  # fmt: skip
+    geometry = decode_shape(comps, shape)
+    ovoxel = decode_material(comps, material, geometry)
+    torch.cuda.synchronize()
+    return dict(wall=time.perf_counter() - t0, lr_tokens=structure.num_voxels, hr_tokens=len(shape.latent),
+                resolution=shape.resolution, voxels=ovoxel.num_voxels)  # fmt: skip
+
+
+def report(ptype: str, info: dict, comps: M.TimedComponents, ceiling: float, budget: float | None) -> None:
+    tag = f"budget {budget:g} GB, policy {comps.policy}" if budget else f"unconstrained, policy {comps.policy}"
+    emit(f"\n## {ptype} ({tag}): {info['lr_tokens']} LR tokens, {info['hr_tokens']} final-latent tokens, "
+         f"R={info['resolution']}, {info['voxels']} decoded voxels")  # fmt: skip
+    emit(f"{'stage':<20} {'load_s':>7} {'run_s':>8} {'TFLOP':>8} {'TFLOP/s':>8} {'%ceil':>6} {'peak_GiB':>8}")
+    seen: dict[str, int] = {}
+    for r in comps.records:
+        name = SHORT.get(r["role"], r["role"])
+        seen[name] = seen.get(name, 0) + 1
+        if name == "shape_dec" and plan(ptype).cascade and seen[name] == 1:
+            name = "shape_dec.upsample"
+        tf = r["flops"] / 1e12
+        rate = tf / r["run"] if r["run"] > 0 else 0.0
+        emit(f"{name:<20} {r['load'] + r['release']:7.2f} {r['run']:8.3f} {tf:8.1f} {rate:8.1f} {100 * rate / ceiling:6.1f} "
+             f"{r['peak'] / GIB:8.2f}", kind="stage", ptype=ptype, stage=name, budget=budget, **r)  # fmt: skip
+    flops = sum(r["flops"] for r in comps.records) / 1e12
+    emit(f"{'TOTAL (wall)':<20} {'':7} {info['wall']:8.3f} {flops:8.1f} {flops / info['wall']:8.1f} "
+         f"{100 * flops / info['wall'] / ceiling:6.1f} {torch.cuda.max_memory_reserved() / GIB:8.2f} (reserved)",
+         kind="total", ptype=ptype, budget=budget, ceiling=ceiling, **info)  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--types", nargs="*", default=["512", "1024_cascade", "1536_cascade"])
+    ap.add_argument("--vram-budget", type=float, default=None, metavar="GB", help="cap GPU memory (issue 9)")
+    ap.add_argument("--policy", default=None, choices=["keep", "offload", "free"], help="default: keep, offload with a budget")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the sparse-conv table")
+    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--log", default=None, help="append rows as JSON lines to this file")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    props = torch.cuda.get_device_properties(dev)
+    if args.vram_budget:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_budget * 1e9 / props.total_memory))
+    import triton
+
+    ceiling = matmul_ceiling()
+    torch.cuda.empty_cache()
+    emit(f"# {props.name}, {props.total_memory / GIB:.0f} GiB, torch {torch.__version__}, triton {triton.__version__}, "
+         f"sparse-conv backend auto -> {spconv.resolve_backend(dev)}; bf16 mm ceiling {ceiling:.0f} TFLOP/s",
+         kind="device", name=props.name, ceiling=ceiling)  # fmt: skip
+    if not args.no_kernels:
+        conv_table(ceiling)
+    policy = args.policy or ("offload" if args.vram_budget else "keep")
+    comps = M.TimedComponents({role: (lambda r=role: M.build(r, dev)) for role in M.ROLES}, dev, policy=policy)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    cond = Conditioning(tokens={512: torch.randn(1, 1029, 1024, device=dev, generator=gen),
+                                1024: torch.randn(1, 4101, 1024, device=dev, generator=gen)})  # fmt: skip
+    if not args.no_warmup:  # compiles/autotunes kernels and loads every model a 512 run needs
+        info = run_pipeline("512", comps, cond)
+        emit(f"\n(warm-up 512: {info['wall']:.2f} s)")
+    for ptype in args.types:
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            info = run_pipeline(ptype, comps, cond)
+            report(ptype, info, comps, ceiling, args.vram_budget)
+        except torch.OutOfMemoryError as e:
+            emit(f"\n## {ptype}: OOM ({str(e)[:200]})", kind="oom", ptype=ptype, budget=args.vram_budget)
+            report(ptype, dict(wall=float("nan"), lr_tokens=-1, hr_tokens=-1, resolution=-1, voxels=-1), comps, ceiling, args.vram_budget)
+        torch.cuda.empty_cache()
+    if args.log:
+        with open(args.log, "a") as f:
+            for row in LOG:
+                f.write(json.dumps(row, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()

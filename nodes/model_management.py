@@ -1,0 +1,196 @@
+"""TRELLIS.2 components under ComfyUI's model management, and the models/trellis2/ folder.
+
+``ComfyComponents`` implements the engine's ``ComponentSource`` protocol (trellis2_core/pipeline/components.py):
+each role's network is read from disk once per TRELLIS2_MODEL handle (onto the offload device), wrapped in a
+``comfy.model_patcher.ModelPatcher``, and ``use(role)`` asks ``comfy.model_management.load_models_gpu`` for it.
+So a component is on the GPU only while ComfyUI lets it be: loaded when a stage needs it, evicted (moved back to
+the offload device) when another model needs the memory, and never loaded twice, because the handle owns its
+patchers and the engine never holds a model between stages.
+
+Models are loaded fully (``force_full_load``): ComfyUI's partial "lowvram" loading needs every weight-holding
+module to be one of its casting ops, and our sparse convolutions, norms and modulation vectors are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+
+from ..trellis2_core.checkpoints import load_model
+from ..trellis2_core.conditioning import DinoV3Conditioner
+from ..trellis2_core.errors import CheckpointError, InputError
+from ..trellis2_core.pipeline import Trellis2Pipeline, default_dtype
+from ..trellis2_core.pipeline.trellis2 import IMAGE_COND
+from ..trellis2_core.weights import DEFAULT_REPO, PIPELINE_FILE, PipelineFiles, resolve_pipeline
+
+log = logging.getLogger(__name__)
+
+FOLDER_NAME = "trellis2"  # folder_paths key and default folder models/trellis2/
+DOWNLOAD_CHOICE = f"{DEFAULT_REPO} (download)"
+HF_CACHE = "hf_cache"  # downloads land in models/trellis2/hf_cache/ (no pipeline.json there: never listed)
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+DEVICE_POLICIES = ("auto", "keep on gpu", "cpu")
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------------------------ folders
+def register_model_folder() -> None:
+    """Make ``models/trellis2/`` a ComfyUI model folder (idempotent; extra_model_paths.yaml may add more)."""
+    default = os.path.join(folder_paths.models_dir, FOLDER_NAME)
+    if default not in folder_paths.folder_names_and_paths.get(FOLDER_NAME, ([], set()))[0]:
+        folder_paths.add_model_folder_path(FOLDER_NAME, default)
+
+
+def model_roots() -> list[str]:
+    register_model_folder()
+    return list(folder_paths.get_folder_paths(FOLDER_NAME))
+
+
+def pipeline_choices() -> list[str]:
+    """Sub-folders of every models/trellis2 root that hold a pipeline.json, then the download choice."""
+    names: set[str] = set()
+    for root in model_roots():
+        if os.path.isdir(root):
+            names.update(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, PIPELINE_FILE)))
+    return sorted(names) + [DOWNLOAD_CHOICE]
+
+
+def _local_folder(name: str) -> str:
+    roots = model_roots()
+    for root in roots:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    raise InputError(
+        f"pipeline: no folder {name!r} in {roots}; put the TRELLIS.2 snapshot (pipeline.json, ckpts/) in "
+        f"{os.path.join(roots[0], name)} or choose {DOWNLOAD_CHOICE!r}"
+    )
+
+
+# ------------------------------------------------------------------------------------------------ settings
+def resolve_devices(policy: str) -> tuple[torch.device, torch.device]:
+    """(load device, offload device) for a device policy (see DEVICE_POLICIES)."""
+    if policy == "auto":
+        return mm.get_torch_device(), mm.unet_offload_device()
+    if policy == "keep on gpu":
+        device = mm.get_torch_device()
+        return device, device
+    if policy == "cpu":
+        return torch.device("cpu"), torch.device("cpu")
+    raise InputError(f"device_policy must be one of {list(DEVICE_POLICIES)}; got {policy!r}")
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, torch.dtype]:
+    """(block dtype for the TRELLIS.2 networks, dtype for DINOv3).
+
+    auto: the released precision on CUDA (bf16 DiTs, fp16 VAEs: dtype None lets each checkpoint choose) and
+    float32 elsewhere; DINOv3 stays float32 as in the reference unless a half precision is asked for.
+    """
+    if precision == "auto":
+        return default_dtype(device), torch.float32
+    if precision not in _DTYPES:
+        raise InputError(f"precision must be one of {list(PRECISIONS)}; got {precision!r}")
+    if precision == "fp16" and device.type == "cpu":
+        raise InputError("precision: fp16 is not supported on the CPU (torch lacks half kernels there); choose auto, fp32 or bf16")
+    return _DTYPES[precision], _DTYPES[precision]
+
+
+# ------------------------------------------------------------------------------------------------ components
+class _Managed(torch.nn.Module):
+    """The module ComfyUI manages. ModelPatcher writes bookkeeping attributes (``device``, ...) onto the module it
+    holds; this container takes them, so engine and transformers modules (whose ``device`` is read-only) stay as built.
+    """
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+
+class ComfyComponents:
+    """``ComponentSource`` backed by ComfyUI's model management; one per TRELLIS2_MODEL handle."""
+
+    def __init__(self, files: PipelineFiles, *, load_device: torch.device, offload_device: torch.device,
+                 dtype: torch.dtype | None, dino_dtype: torch.dtype):  # fmt: skip
+        self.files = files
+        self.device = torch.device(load_device)
+        self.offload_device = torch.device(offload_device)
+        self.dtype = dtype
+        self.dino_dtype = dino_dtype
+        self._patchers: dict[str, comfy.model_patcher.ModelPatcher] = {}
+
+    def has(self, role: str) -> bool:
+        return role in self.files.models or (role == IMAGE_COND and self.files.dinov3_path is not None)
+
+    def patcher(self, role: str) -> comfy.model_patcher.ModelPatcher:
+        """The role's ModelPatcher, reading the checkpoint on first use (onto the offload device)."""
+        patcher = self._patchers.get(role)
+        if patcher is None:
+            patcher = comfy.model_patcher.ModelPatcher(_Managed(self._read(role)), self.device, self.offload_device)
+            self._patchers[role] = patcher
+        return patcher
+
+    def _read(self, role: str) -> torch.nn.Module:
+        if role == IMAGE_COND:
+            if self.files.dinov3_path is None:
+                raise CheckpointError(f"the pipeline in {self.files.source} has no DINOv3 folder (dinov3/config.json + model.safetensors)")
+            log.info("reading DINOv3 from %s", self.files.dinov3_path)
+            return DinoV3Conditioner.from_folder(self.files.dinov3_path, device=self.offload_device, dtype=self.dino_dtype).model
+        if role not in self.files.models:
+            raise CheckpointError(
+                f"the pipeline in {self.files.source} has no '{role}' model (it has {sorted(self.files.models)}); "
+                "choose a pipeline type whose models the folder contains, or complete the folder"
+            )
+        log.info("reading %s from %s", role, self.files.models[role].weights_path)
+        return load_model(self.files.models[role], device=self.offload_device, dtype=self.dtype)
+
+    @contextlib.contextmanager
+    def use(self, role: str) -> Iterator[torch.nn.Module]:
+        patcher = self.patcher(role)
+        mm.load_models_gpu([patcher], force_full_load=True)
+        module = patcher.model.module
+        # The conditioning stage calls .encode on the DINOv3 wrapper; the wrapper holds no state of its own.
+        yield DinoV3Conditioner(module) if role == IMAGE_COND else module
+
+    @property
+    def loaded_roles(self) -> tuple[str, ...]:
+        """Roles read from disk so far (for tests and logs)."""
+        return tuple(self._patchers)
+
+
+def load_pipeline(choice: str, precision: str = "auto", device_policy: str = "auto", allow_download: bool = False) -> Trellis2Pipeline:
+    """The TRELLIS2_MODEL handle: files resolved now (errors name every missing file), networks read on first use.
+
+    choice: a folder name from ``pipeline_choices()`` or DOWNLOAD_CHOICE (official weights into models/trellis2/hf_cache).
+    allow_download: for a local folder, fetch parts it lacks (the structure decoder, DINOv3) from Hugging Face.
+    """
+    register_model_folder()
+    cache_dir = os.path.join(model_roots()[0], HF_CACHE)
+    if choice == DOWNLOAD_CHOICE:
+        files = resolve_pipeline(DEFAULT_REPO, allow_download=True, cache_dir=cache_dir)
+    else:
+        files = resolve_pipeline(_local_folder(choice), allow_download=allow_download, cache_dir=cache_dir)
+    load_device, offload_device = resolve_devices(device_policy)
+    dtype, dino_dtype = resolve_precision(precision, load_device)
+    components = ComfyComponents(files, load_device=load_device, offload_device=offload_device, dtype=dtype, dino_dtype=dino_dtype)
+    return Trellis2Pipeline(files, components)
+
+
+__all__ = [
+    "DEVICE_POLICIES",
+    "DOWNLOAD_CHOICE",
+    "PRECISIONS",
+    "ComfyComponents",
+    "load_pipeline",
+    "pipeline_choices",
+    "register_model_folder",
+    "resolve_devices",
+    "resolve_precision",
+]

@@ -1,0 +1,161 @@
+"""Sparse-conv backends: dispatcher rules (CPU) and Triton-vs-reference parity over a zoo of sizes (CUDA)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trellis2.kernels import sparse_conv as spconv
+from trellis2.kernels.sparse_conv import BackendUnavailableError, build_neighbours, reference
+from trellis2.trellis2_core.sparse import SparseTensor
+from trellis2.trellis2_core.sparse.conv import SparseConv3d
+
+# Relative-norm tolerance of the Triton kernel against the fp32 reference on the same (rounded) inputs.
+# fp32 runs exact fp32 products (tf32 off, torch's default); half types accumulate in fp32 but round the output.
+TOLERANCES = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+SIZES_N = (0, 1, 7, 97, 1000, 65537)
+CHANNELS = ((8, 8), (8, 32), (32, 96), (64, 64), (96, 128), (128, 8))
+WIDE = ((97, 1024, 1024), (1000, 1024, 96))  # 1024 channels only where it stays quick
+
+
+def shell_coords(n: int, seed: int = 0) -> torch.Tensor:
+    """[n, 4] int32 unique voxels, two batch items, ~30% dense so tiles see present and missing neighbours."""
+    if n == 0:
+        return torch.empty(0, 4, dtype=torch.int32)
+    g = torch.Generator().manual_seed(seed)
+    side = max(3, round((3.5 * n / 2) ** (1 / 3)))
+    cells = torch.randperm(2 * side**3, generator=g)[:n]
+    b, r = cells // side**3, cells % side**3
+    c = torch.stack([b, r // (side * side), r // side % side, r % side], 1)
+    return c[torch.argsort(b, stable=True)].int()
+
+
+# ------------------------------------------------------------------------------------------------ dispatcher (CPU)
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv(spconv.ENV_VAR, raising=False)
+    return monkeypatch
+
+
+def _small_case(dtype=torch.float32):
+    coords = shell_coords(40, seed=3)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(len(coords), 5, generator=g).to(dtype)
+    w = torch.randn(4, 3, 3, 3, 5, generator=g).to(dtype)
+    return feats, build_neighbours(coords), w, torch.randn(4, generator=g).to(dtype)
+
+
+def test_auto_on_cpu_uses_reference(clean_env):
+    f, nbr, w, b = _small_case()
+    assert spconv.resolve_backend(f.device) == "torch"
+    torch.testing.assert_close(spconv.submanifold_conv3d(f, nbr, w, b), reference.submanifold_conv3d(f, nbr, w, b))
+
+
+def test_explicit_triton_on_cpu_raises_naming_cuda(clean_env):
+    f, nbr, w, b = _small_case()
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        spconv.submanifold_conv3d(f, nbr, w, b, backend="triton")
+
+
+def test_explicit_triton_without_triton_raises_naming_triton(clean_env):
+    clean_env.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    clean_env.delitem(sys.modules, "trellis2.kernels.sparse_conv.triton", raising=False)
+    with pytest.raises(BackendUnavailableError, match="triton cannot be imported"):
+        spconv.resolve_backend(torch.device("cuda"), "triton")
+    assert spconv.resolve_backend(torch.device("cuda")) == "torch"  # auto falls back quietly
+
+
+def test_env_var_read_at_call_time(clean_env):
+    f, nbr, w, b = _small_case()
+    spconv.submanifold_conv3d(f, nbr, w, b)  # works before the variable is set
+    clean_env.setenv(spconv.ENV_VAR, "triton")
+    with pytest.raises(BackendUnavailableError):
+        spconv.submanifold_conv3d(f, nbr, w, b)
+    conv = SparseConv3d(5, 4)  # the module goes through the dispatcher too
+    with pytest.raises(BackendUnavailableError):
+        conv(SparseTensor(f, shell_coords(40, seed=3)))
+    clean_env.setenv(spconv.ENV_VAR, "Reference")
+    assert spconv.requested_backend() == "torch"
+    clean_env.setenv(spconv.ENV_VAR, "cudnn")
+    with pytest.raises(ValueError, match=spconv.ENV_VAR):
+        spconv.submanifold_conv3d(f, nbr, w, b)
+
+
+def test_precedence_argument_context_env(clean_env):
+    clean_env.setenv(spconv.ENV_VAR, "triton")
+    with spconv.use_backend("torch"):
+        assert spconv.requested_backend() == "torch"  # context beats env
+        with spconv.use_backend("triton"):
+            assert spconv.requested_backend() == "triton"  # innermost context wins
+            assert spconv.requested_backend("auto") == "auto"  # argument beats context
+        assert spconv.requested_backend() == "torch"
+    assert spconv.requested_backend() == "triton"
+    with pytest.raises(ValueError, match="use_backend"):
+        with spconv.use_backend("fast"):
+            pass
+
+
+def test_import_does_not_import_triton():
+    code = "import sys, trellis2.kernels.sparse_conv, trellis2.trellis2_core.sparse.conv; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------------ parity (CUDA)
+def _poisoned_empty(n: int, co: int, dtype: torch.dtype) -> None:
+    """Leave NaNs in the allocator's next block of this size, so an unwritten output element cannot pass."""
+    torch.full((n, co), float("nan"), dtype=dtype, device="cuda")
+
+
+def _parity(n: int, ci: int, co: int, dtype: torch.dtype, bias: bool = True, seed: int = 0) -> None:
+    coords = shell_coords(n, seed=seed + ci).cuda()
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    feats = torch.randn(n, ci, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(co, 3, 3, 3, ci, device="cuda", generator=g) / (27 * ci) ** 0.5).to(dtype)
+    b = torch.randn(co, device="cuda", generator=g).to(dtype) if bias else None
+    nbr = build_neighbours(coords)
+    expected = reference.submanifold_conv3d(feats.float(), nbr, w.float(), None if b is None else b.float())
+    _poisoned_empty(n, co, dtype)
+    out = spconv.submanifold_conv3d(feats, nbr, w, b, backend="triton")
+    assert out.shape == (n, co) and out.dtype == dtype
+    if n == 0:
+        return
+    assert torch.isfinite(out).all(), "unwritten or non-finite output elements"
+    err = ((out.double() - expected.double()).norm() / expected.double().norm()).item()
+    assert err <= TOLERANCES[dtype], f"N={n} Ci={ci} Co={co} {dtype}: rel err {err:.2e} > {TOLERANCES[dtype]:.0e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("ci,co", CHANNELS)
+@pytest.mark.parametrize("n", SIZES_N)
+def test_triton_matches_reference(n, ci, co, dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _parity(n, ci, co, dtype, bias=(ci + co) % 3 != 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", list(TOLERANCES), ids=str)
+@pytest.mark.parametrize("n,ci,co", WIDE)
+def test_triton_matches_reference_wide(n, ci, co, dtype):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _parity(n, ci, co, dtype)
+
+
+@pytest.mark.cuda
+def test_triton_row_order_and_module_path():
+    """Shuffled rows (no tile-skip luck) and the SparseConv3d module under auto (-> triton on CUDA)."""
+    coords = shell_coords(5000, seed=7)
+    coords = coords[torch.randperm(len(coords))].cuda()
+    conv = SparseConv3d(64, 32, device="cuda", dtype=torch.float16)
+    x = SparseTensor(torch.randn(len(coords), 64, device="cuda", dtype=torch.float16), coords)
+    assert spconv.resolve_backend(x.device) == "triton"
+    out = conv(x).feats
+    w32, b32 = conv.weight.float(), conv.bias.float()
+    ref = reference.submanifold_conv3d(x.feats.float(), build_neighbours(coords), w32, b32)
+    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err <= TOLERANCES[torch.float16]
