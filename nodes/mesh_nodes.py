@@ -10,11 +10,11 @@ from comfy_api.latest import io
 
 from ..trellis2_core.mesh.decimate import decimate
 from ..trellis2_core.mesh.mesh import Mesh
+from ..trellis2_core.mesh.postprocess import bake_ovoxel
 from ..trellis2_core.mesh.repair import repair_mesh
 from . import mesh_socket
 from .runtime import progress_bar
 from .sockets import CATEGORY, OVoxelSocket
-from .texturing import bake_pbr
 
 
 def _mesh_input(tooltip: str = "A mesh (core MESH, glTF Y-up): from Trellis2OVoxelToMesh or any 3D node.") -> io.Input:
@@ -111,9 +111,10 @@ class Trellis2UVBake(io.ComfyNode):
 
     @classmethod
     def execute(cls, mesh, o_voxel, texture_size, project_to_surface, reuse_existing_uvs) -> io.NodeOutput:
-        textured = bake_pbr(mesh_socket.from_comfy(mesh), o_voxel, texture_size=texture_size,
-                            project_to_surface=project_to_surface, reuse_uvs=reuse_existing_uvs, progress=progress_bar())  # fmt: skip
-        return io.NodeOutput(mesh_socket.to_comfy(textured))
+        engine_mesh = mesh_socket.to_engine_frame(mesh_socket.from_comfy(mesh))
+        textured = bake_ovoxel(engine_mesh, o_voxel, texture_size=texture_size, project_to_surface=project_to_surface,
+                               reuse_uvs=reuse_existing_uvs, progress=progress_bar())  # fmt: skip
+        return io.NodeOutput(mesh_socket.to_comfy(mesh_socket.from_engine_frame(textured)))
 
 
 NODES = [Trellis2OVoxelToMesh, Trellis2MeshRepair, Trellis2MeshDecimate, Trellis2UVBake]

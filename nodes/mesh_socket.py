@@ -23,7 +23,7 @@ import torch
 from comfy_api.latest import Types
 
 from ..trellis2_core.errors import InputError
-from ..trellis2_core.mesh.mesh import Mesh, PBRMaps, mesh_zup_to_yup, yup_to_zup
+from ..trellis2_core.mesh.mesh import Mesh, PBRMaps, mesh_yup_to_zup, mesh_zup_to_yup
 
 _EXTRA_FIELDS = ("uvs", "normals", "texture", "metallic_roughness")
 _ATTR = "trellis2_mesh"
@@ -133,8 +133,7 @@ def require_faces(mesh: Mesh, what: str) -> Mesh:
 
 def to_engine_frame(mesh: Mesh) -> Mesh:
     """glTF Y-up (the MESH socket) -> the engine's Z-up object frame, where O-Voxel attributes live."""
-    return mesh.replace(vertices=yup_to_zup(mesh.vertices).contiguous(),
-                        normals=None if mesh.normals is None else yup_to_zup(mesh.normals).contiguous())  # fmt: skip
+    return mesh_yup_to_zup(mesh)
 
 
 def from_engine_frame(mesh: Mesh) -> Mesh:

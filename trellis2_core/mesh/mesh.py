@@ -129,6 +129,12 @@ def mesh_zup_to_yup(mesh: Mesh) -> Mesh:
                         normals=None if mesh.normals is None else zup_to_yup(mesh.normals).contiguous())
 
 
+def mesh_yup_to_zup(mesh: Mesh) -> Mesh:
+    """The whole mesh from glTF's frame (the MESH socket, GLB files) to the engine's Z-up frame."""
+    return mesh.replace(vertices=yup_to_zup(mesh.vertices).contiguous(),
+                        normals=None if mesh.normals is None else yup_to_zup(mesh.normals).contiguous())
+
+
 def face_normals(vertices: torch.Tensor, faces: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """[F, 3] face normals (right-hand rule on the winding); unnormalised they are 2 x area-weighted."""
     tri = vertices[faces]

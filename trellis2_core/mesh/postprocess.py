@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import InputError
 from ..ovoxel.attributes import VoxelAttributeField
+from ..ovoxel.ovoxel import OVoxel
 from .bake import AttributeLayout, bake_textures
 from .decimate import decimate
 from .mesh import Mesh, mesh_zup_to_yup, vertex_normals
@@ -94,3 +96,49 @@ def textured_mesh(
     log.info("postprocess: %d -> %d faces, %s", rep.faces_in, rep.faces_out,
              ", ".join(f"{k} {v:.2f}s" for k, v in rep.seconds.items()))
     return out, rep
+
+
+def bake_ovoxel(
+    mesh: Mesh,
+    ovoxel: OVoxel,
+    *,
+    texture_size: int = 2048,
+    project_to_surface: bool = True,
+    reuse_uvs: bool = False,
+    progress=None,
+) -> Mesh:
+    """``mesh`` (engine Z-up frame) with UVs and PBR maps baked from ``ovoxel``'s attributes; geometry unchanged.
+
+    Unwraps (or keeps the mesh's UVs with ``reuse_uvs``), then samples the voxel attributes per texel, at the closest
+    point of the O-Voxel's own decoded surface when ``project_to_surface`` (what the reference does after remeshing
+    and decimation, SPEC 15 step 4). Returns a new Mesh in the engine frame.
+    """
+    if not isinstance(ovoxel, OVoxel) or ovoxel.attributes is None:
+        raise InputError(
+            "ovoxel: this O-Voxel has no PBR attributes (it is geometry only); decode the material latent first "
+            "(in ComfyUI: connect the O_VOXEL output of Trellis2Material)"
+        )
+    lay = ovoxel.attribute_layout
+    missing = [k for k in ("base_color", "metallic", "roughness") if k not in lay]
+    if missing:
+        raise InputError(f"ovoxel: its attributes lack {missing} (it has {sorted(lay)}); a PBR O-Voxel is needed")
+    lo, hi = ovoxel.aabb
+    sizes = {round(h - l, 9) for l, h in zip(lo, hi)}
+    if len(sizes) != 1 or len(set(lo)) != 1:
+        raise InputError(f"ovoxel: baking needs a cubic bounding box with equal minima; got aabb {ovoxel.aabb}")
+    alpha = lay.get("alpha")
+    layout = AttributeLayout(
+        base_color=(lay["base_color"].start, lay["base_color"].stop), metallic=lay["metallic"].start,
+        roughness=lay["roughness"].start, alpha=None if alpha is None else alpha.start,
+    )  # fmt: skip
+    work = unwrap(mesh, texture_size=texture_size, reuse_existing=reuse_uvs)
+    reference = None
+    if project_to_surface:
+        vertices, faces = ovoxel.to_mesh()
+        reference = Mesh(vertices.float(), faces.long()) if faces.shape[0] else None
+    field_ = VoxelAttributeField(ovoxel.coords, ovoxel.attributes.float())
+    maps = bake_textures(
+        work, field_, ovoxel.resolution, texture_size=texture_size, reference=reference, layout=layout,
+        aabb_min=float(lo[0]), aabb_size=float(sizes.pop()), progress=progress,
+    )  # fmt: skip
+    return work.replace(maps=maps)
