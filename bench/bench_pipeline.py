@@ -1,8 +1,8 @@
 """End-to-end sampling + decode benchmark of every pipeline type at official size (random weights), on CUDA.
 
     python3 bench/bench_pipeline.py                                   # all types, unconstrained, + sparse-conv table
-    python3 bench/bench_pipeline.py --vram-budget 12 --types 1024_cascade --no-kernels   # issue 9: 12 GB
-    python3 bench/bench_pipeline.py --vram-budget 8 --types 512 --no-kernels             # issue 9: 8 GB
+    python3 bench/bench_pipeline.py --vram-budget 12 --types 1024_cascade --no-kernels --pinned  # issue 9: 12 GB
+    python3 bench/bench_pipeline.py --vram-budget 8 --types 512 --no-kernels --pinned            # issue 9: 8 GB
 
 Models are built from tests/data/manifests (meta -> cuda, random normals); structures are fixed sphere shells
 (bench/_models.py SHELLS: ~3k tokens at 512, ~12.5k HR tokens at 1024_cascade, ~49k at 1536_cascade) and the
@@ -11,7 +11,9 @@ Sampling uses pipeline.json's samplers (12 steps, official guidance); conditioni
 [1,4101,1024]. Per stage: time, matrix FLOPs (hooks; sparse convs counted at all 27 taps), TFLOP/s and % of a bf16
 torch.mm ceiling measured in the same run, peak memory. ``--vram-budget GB`` caps the caching allocator with
 torch.cuda.set_per_process_memory_fraction and uses the 'offload' component policy (weights in CPU RAM between
-stages). ``--log FILE`` appends the rows as JSON lines.
+stages; ``--pinned`` keeps one pinned CPU copy and uploads from it, see _models.TimedComponents). The warm-up run
+(1024_cascade when a cascade is asked for, else 512) compiles/autotunes the kernels and loads every model first.
+``--log FILE`` appends the rows as JSON lines. Run from the repo root with the package importable as ``trellis2``.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ CONV_CASES = [  # (grid, Ci, Co): the shape decoder's levels at 1024^3 (ConvNeXt
 def conv_table(ceiling: float, dtype=torch.float16) -> None:
     emit(f"\n## sparse conv 3x3x3, {str(dtype)[6:]}, sphere shell rho=0.4 (ms; nominal TFLOP/s counts all 27 taps)")
     emit(f"{'grid':>5} {'Ci':>5} {'Co':>5} {'voxels':>9} {'nbr%':>5} {'nbr_ms':>7} {'triton':>8} {'torch':>8} "
-         f"{'dense':>8} {'tri_TF':>7} {'tri_eff':>7} {'ref_TF':>7} {'dense_TF':>8} {'rel_err':>8}")  # fmt: skip
+         f"{'dense':>8} {'tri_TF':>7} {'tri_eff':>7} {'ref_TF':>7} {'dense_TF':>8} {'err_tri':>8} {'err_ref':>8}")  # fmt: skip
     for grid, ci, co in CONV_CASES:
         try:
             coords = M.shell_coords(grid, 0.4, 0.0, "cuda")
@@ -97,13 +99,15 @@ def conv_table(ceiling: float, dtype=torch.float16) -> None:
             bias = torch.randn(co, device="cuda", dtype=dtype)
             out = spconv.submanifold_conv3d(feats, nbr, w, bias, backend="triton")
             ref = spconv.submanifold_conv3d(feats, nbr, w, bias, backend="torch")
-            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            del out, ref
+            exact = spconv.submanifold_conv3d(feats.float(), nbr, w.float(), bias.float(), backend="torch")
+            err, err_ref = (((o.float() - exact).norm() / exact.norm()).item() for o in (out, ref))
+            del out, ref, exact
             t_tri = cuda_time(lambda: spconv.submanifold_conv3d(feats, nbr, w, bias, backend="triton"))
             t_ref = cuda_time(lambda: spconv.submanifold_conv3d(feats, nbr, w, bias, backend="torch"), reps=5)
             t_dense, dense_tf = float("nan"), float("nan")
             if grid**3 * (ci + co) * 2 <= 24 * GIB:
-                dense = torch.zeros(1, ci, grid, grid, grid, device="cuda", dtype=dtype).to(memory_format=torch.channels_last_3d)
+                dense = torch.zeros(1, ci, grid, grid, grid, device="cuda", dtype=dtype)
+                dense = dense.to(memory_format=torch.channels_last_3d)
                 c = coords.long()
                 dense[0, :, c[:, 1], c[:, 2], c[:, 3]] = feats.t()
                 wd = w.permute(0, 4, 1, 2, 3).contiguous(memory_format=torch.channels_last_3d)
@@ -114,11 +118,11 @@ def conv_table(ceiling: float, dtype=torch.float16) -> None:
             emit(
                 f"{grid:5d} {ci:5d} {co:5d} {n:9d} {100 * present / 27:5.1f} {t_nbr * 1e3:7.2f} {t_tri * 1e3:8.2f} "
                 f"{t_ref * 1e3:8.2f} {t_dense * 1e3:8.2f} {flops / t_tri / 1e12:7.1f} {flops * present / 27 / t_tri / 1e12:7.1f} "
-                f"{flops / t_ref / 1e12:7.1f} {dense_tf:8.1f} {err:8.1e}",
+                f"{flops / t_ref / 1e12:7.1f} {dense_tf:8.1f} {err:8.1e} {err_ref:8.1e}",
                 kind="conv", grid=grid, ci=ci, co=co, voxels=n, nbr_frac=present / 27, t_nbr=t_nbr, t_triton=t_tri,
-                t_torch=t_ref, t_dense=t_dense, rel_err=err, ceiling=ceiling,
+                t_torch=t_ref, t_dense=t_dense, rel_err=err, rel_err_ref=err_ref, ceiling=ceiling,
             )  # fmt: skip
-            del feats, nbr
+            feats = nbr = None  # free before the next case allocates
         except torch.OutOfMemoryError as e:
             emit(f"{grid:5d} {ci:5d} {co:5d} OOM: {str(e)[:120]}")
         torch.cuda.empty_cache()
@@ -156,7 +160,8 @@ def run_pipeline(ptype: str, comps: M.TimedComponents, cond: Conditioning) -> di
 
 
 def report(ptype: str, info: dict, comps: M.TimedComponents, ceiling: float, budget: float | None) -> None:
-    tag = f"budget {budget:g} GB, policy {comps.policy}" if budget else f"unconstrained, policy {comps.policy}"
+    pol = comps.policy + (" pinned" if comps.pinned else "")
+    tag = f"budget {budget:g} GB, policy {pol}" if budget else f"unconstrained, policy {pol}"
     emit(f"\n## {ptype} ({tag}): {info['lr_tokens']} LR tokens, {info['hr_tokens']} final-latent tokens, "
          f"R={info['resolution']}, {info['voxels']} decoded voxels")  # fmt: skip
     emit(f"{'stage':<20} {'load_s':>7} {'run_s':>8} {'TFLOP':>8} {'TFLOP/s':>8} {'%ceil':>6} {'peak_GiB':>8}")
@@ -180,7 +185,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", nargs="*", default=["512", "1024_cascade", "1536_cascade"])
     ap.add_argument("--vram-budget", type=float, default=None, metavar="GB", help="cap GPU memory (issue 9)")
-    ap.add_argument("--policy", default=None, choices=["keep", "offload", "free"], help="default: keep, offload with a budget")
+    ap.add_argument("--policy", default=None, choices=["keep", "offload", "free"],
+                    help="default: keep, offload with a budget")  # fmt: skip
+    ap.add_argument("--pinned", action="store_true", help="offload: keep a pinned CPU copy, upload from it")
     ap.add_argument("--no-kernels", action="store_true", help="skip the sparse-conv table")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--log", default=None, help="append rows as JSON lines to this file")
@@ -199,13 +206,15 @@ def main() -> None:
     if not args.no_kernels:
         conv_table(ceiling)
     policy = args.policy or ("offload" if args.vram_budget else "keep")
-    comps = M.TimedComponents({role: (lambda r=role: M.build(r, dev)) for role in M.ROLES}, dev, policy=policy)
+    loaders = {role: (lambda r=role: M.build(r, dev)) for role in M.ROLES}
+    comps = M.TimedComponents(loaders, dev, policy=policy, pinned=args.pinned)
     gen = torch.Generator(device="cuda").manual_seed(1)
     cond = Conditioning(tokens={512: torch.randn(1, 1029, 1024, device=dev, generator=gen),
                                 1024: torch.randn(1, 4101, 1024, device=dev, generator=gen)})  # fmt: skip
-    if not args.no_warmup:  # compiles/autotunes kernels and loads every model a 512 run needs
-        info = run_pipeline("512", comps, cond)
-        emit(f"\n(warm-up 512: {info['wall']:.2f} s)")
+    if not args.no_warmup:  # compiles/autotunes kernels; loads (and, offloading, pins) every model the runs need
+        warm = "1024_cascade" if any(plan(t).cascade for t in args.types) else "512"
+        info = run_pipeline(warm, comps, cond)
+        emit(f"\n(warm-up {warm}: {info['wall']:.2f} s)")
     for ptype in args.types:
         torch.cuda.reset_peak_memory_stats()
         try:
@@ -213,7 +222,8 @@ def main() -> None:
             report(ptype, info, comps, ceiling, args.vram_budget)
         except torch.OutOfMemoryError as e:
             emit(f"\n## {ptype}: OOM ({str(e)[:200]})", kind="oom", ptype=ptype, budget=args.vram_budget)
-            report(ptype, dict(wall=float("nan"), lr_tokens=-1, hr_tokens=-1, resolution=-1, voxels=-1), comps, ceiling, args.vram_budget)
+            failed = dict(wall=float("nan"), lr_tokens=-1, hr_tokens=-1, resolution=-1, voxels=-1)
+            report(ptype, failed, comps, ceiling, args.vram_budget)
         torch.cuda.empty_cache()
     if args.log:
         with open(args.log, "a") as f:

@@ -55,6 +55,16 @@ def test_auto_on_cpu_uses_reference(clean_env):
     torch.testing.assert_close(spconv.submanifold_conv3d(f, nbr, w, b), reference.submanifold_conv3d(f, nbr, w, b))
 
 
+def test_torch_backend_chunking_passes_through(clean_env):
+    """The dispatcher forwards the memory bounds; any chunking gives the unchunked result (issue 9)."""
+    f, nbr, w, b = _small_case(torch.float64)
+    full = spconv.submanifold_conv3d(f, nbr, w, b, backend="torch", chunk_rows=len(f))
+    for rows in (1, 7, 13):
+        torch.testing.assert_close(spconv.submanifold_conv3d(f, nbr, w, b, chunk_rows=rows), full, rtol=1e-12, atol=1e-12)
+    tiny = spconv.submanifold_conv3d(f, nbr, w, b, max_bytes=27 * 5 * 8 * 3)  # 3 rows per chunk
+    torch.testing.assert_close(tiny, full, rtol=1e-12, atol=1e-12)
+
+
 def test_explicit_triton_on_cpu_raises_naming_cuda(clean_env):
     f, nbr, w, b = _small_case()
     with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
