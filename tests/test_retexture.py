@@ -6,6 +6,7 @@ boundaries, a zero-area face and a stray unreferenced vertex. Resolution 64 and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -23,7 +24,10 @@ from trellis2.trellis2_core.mesh.mesh import Mesh
 from trellis2.trellis2_core.ovoxel.ovoxel import OVoxel
 from trellis2.trellis2_core.ovoxel.voxelize import mesh_to_flexible_dual_grid
 from trellis2.trellis2_core.pipeline import Trellis2Pipeline, rng
-from trellis2.trellis2_core.pipeline.retexture import MeshNormalization, bake_onto_mesh, encode_mesh, retexture_mesh
+from trellis2.trellis2_core.pipeline.retexture import (
+    MeshNormalization, bake_onto_mesh, decode_on_mesh, encode_mesh, retexture_mesh,
+)  # fmt: skip
+from trellis2.trellis2_core.sparse import SparseTensor
 from trellis2.trellis2_core.testing.tiny_snapshot import write_tiny_snapshot
 
 R = 64
@@ -222,6 +226,15 @@ def test_views_reach_the_texture_flow(pipe, image, run):
     assert torch.isfinite(two.ovoxel.attributes).all() and two.mesh.maps is not None
 
 
+def test_device_spelled_without_index_keeps_the_encoder_records(snapshot, image):
+    """torch.device("cpu:0") != the "cpu" its tensors report, exactly like "cuda" vs "cuda:0": moving the latent
+    'to' the pipeline's device must not drop the records the texture decoder retraces."""
+    pipe0 = Trellis2Pipeline.from_pretrained(snapshot, device="cpu:0", allow_download=False,
+                                             config_file="texturing_pipeline.json")  # fmt: skip
+    out = pipe0.retexture(user_mesh(with_uvs=True), image, seed=1, resolution=32, texture_size=32, sampler_overrides=FAST)
+    assert out.ovoxel.attributes is not None and out.ovoxel.num_voxels > 0
+
+
 def test_retextured_glb_validates_and_round_trips(unwrapped, tmp_path):
     mesh, out = unwrapped
     path = export_glb(out.mesh, tmp_path / "retextured.glb", double_sided=True)
@@ -239,7 +252,7 @@ def test_retextured_glb_validates_and_round_trips(unwrapped, tmp_path):
     np.testing.assert_array_equal(np.asarray(mat.baseColorTexture.convert("RGBA")), out.mesh.maps.base_color)
 
 
-def test_bad_inputs_raise_clear_errors(pipe, image, snapshot):
+def test_bad_inputs_raise_clear_errors(pipe, image, snapshot, run):
     mesh = user_mesh()
     with pytest.raises(InputError, match="multiple of 16"):
         pipe.retexture(mesh, image, resolution=100)
@@ -260,6 +273,13 @@ def test_bad_inputs_raise_clear_errors(pipe, image, snapshot):
     flat = Mesh(torch.ones(3, 3), torch.tensor([[0, 1, 2]]))
     with pytest.raises(InputError, match="zero bounding box"):
         pipe.retexture(flat, image, resolution=R)
+    enc = encode_mesh(pipe.components, mesh, 32)
+    mat = run(mesh, 0).material  # sampled on another encoding of the mesh (R = 64): its records do not fit
+    with pytest.raises(InputError, match="not sampled on this mesh"):
+        decode_on_mesh(pipe.components, mat, enc)
+    rebuilt = dataclasses.replace(mat, latent=SparseTensor(mat.latent.feats, mat.latent.coords))  # records lost
+    with pytest.raises(InputError, match="no longer carries"):
+        decode_on_mesh(pipe.components, rebuilt, enc)
     full = Trellis2Pipeline.from_pretrained(snapshot, device="cpu", allow_download=False)  # pipeline.json: no encoder
     with pytest.raises(InputError, match="texturing_pipeline.json"):
         full.retexture(mesh, image, resolution=R)

@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available)")
     g.add_argument("--policy", default="offload", choices=["keep", "offload", "free"],
                    help="model memory policy: keep all loaded, offload to CPU after each stage (default), or free")  # fmt: skip
+    g.add_argument("--vram-budget", default=None, metavar="GiB|auto",
+                   help="GPU memory to fit in: 'auto' (this card's) or GiB, e.g. 8; plans offloading, DiT block "
+                   "streaming and chunked decoding for --pipeline")  # fmt: skip
     g.add_argument("--steps", type=int, default=None, help="sampler steps for every stage (default: pipeline.json's, 12)")
     g.add_argument("--faces", type=int, default=500_000, help="face count after decimation (default 500000)")
     g.add_argument("--texture-size", type=int, default=2048, help="texture resolution (default 2048, up to 4096)")
@@ -97,8 +100,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     pipe = Trellis2Pipeline.from_pretrained(
-        args.weights or DEFAULT_REPO, device=args.device, policy=args.policy, allow_download=not args.offline,
-        progress=not args.quiet,
+        args.weights or DEFAULT_REPO, device=args.device, policy=args.policy, vram_budget=args.vram_budget,
+        pipeline_type=args.pipeline, allow_download=not args.offline, progress=not args.quiet,
     )  # fmt: skip
     if mask is not None:
         from .image import preprocess_image

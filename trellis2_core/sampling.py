@@ -227,15 +227,18 @@ def _item_std(x: Latent, values: torch.Tensor) -> torch.Tensor:
     """
     if isinstance(x, torch.Tensor):
         return values.std(dim=list(range(1, values.dim())), keepdim=True)
-    batch = x.coords[:, 0].long()
-    n_items = x.batch_size
-    count = torch.bincount(batch, minlength=n_items).to(values.dtype).unsqueeze(1)
+    # Each item's rows are contiguous (SparseTensor invariant): reduce slices, not index_add_, whose atomic float
+    # adds on CUDA make the same seed give different results run to run.
+    off = x.batch_offsets()
     row = values.reshape(values.shape[0], -1)
-    mean = torch.zeros(n_items, 1, dtype=values.dtype, device=values.device).index_add_(0, batch, row.mean(1, keepdim=True))
-    mean2 = torch.zeros_like(mean).index_add_(0, batch, (row**2).mean(1, keepdim=True))
-    mean, mean2 = mean / count, mean2 / count
-    std = (mean2 - mean**2).sqrt()
-    return std[batch].reshape((-1,) + (1,) * (values.dim() - 1))
+    stds, counts = [], []
+    for b in range(len(off) - 1):
+        seg = row[off[b] : off[b + 1]]
+        mean, mean2 = seg.mean(), (seg * seg).mean()
+        stds.append((mean2 - mean * mean).sqrt())
+        counts.append(off[b + 1] - off[b])
+    std = torch.repeat_interleave(torch.stack(stds), torch.tensor(counts, device=values.device))
+    return std.reshape((-1,) + (1,) * (values.dim() - 1))
 
 
 class _ModelRunner:

@@ -14,11 +14,16 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-from typing import Callable, Iterator, Literal, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Literal, Mapping, Protocol
 
 import torch
 
 from ..errors import CheckpointError
+from ..models.decoder_chunking import chunk_decoder
+from ..nn.streaming import stream_blocks, streamer_of, unstream
+
+if TYPE_CHECKING:
+    from .memory import MemoryPlan
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +43,16 @@ class Components:
 
     policy:
       "keep"    every model stays on ``device`` once loaded (fastest; needs memory for all of them).
-      "offload" a model moves to ``offload_device`` (CPU) when its stage ends and back when needed again.
+      "offload" a model moves to ``offload_device`` (CPU) when its stage ends and back when needed again. On CUDA
+                the CPU copy is pinned and kept (weights never change at inference): releasing only drops the GPU
+                copy and the next upload runs at DMA speed (H100: 0.08 s per 2.6 GB DiT instead of 2.2 s from
+                pageable memory; 1024_cascade under a 12 GB budget 19.1 s -> 8.9 s).
       "free"    a model is dropped when its stage ends and re-read from disk when needed again (least memory).
     Loaders return a module ready for inference on ``device`` (eval mode, no grad needed).
+
+    plan (optional, ``pipeline/memory.py``): for its ``stream_roles`` (DiTs) ``use`` streams the blocks from CPU
+    memory (``nn/streaming.py``; their loaders may return them on the CPU), for its ``decoder_roles`` it sets
+    the decoder chunk size, and ``batched_cfg`` tells the stages whether guided steps may batch both branches.
     """
 
     def __init__(
@@ -50,6 +62,7 @@ class Components:
         *,
         policy: Policy = "keep",
         offload_device: torch.device | str = "cpu",
+        plan: MemoryPlan | None = None,
     ):
         if policy not in ("keep", "offload", "free"):
             raise ValueError(f"policy must be 'keep', 'offload' or 'free'; got {policy!r}")
@@ -58,6 +71,25 @@ class Components:
         self.offload_device = torch.device(offload_device)
         self._loaders = dict(loaders)
         self._loaded: dict[str, torch.nn.Module] = {}
+        self._pinned: dict[str, dict[str, torch.Tensor]] = {}
+        self.plan = plan
+
+    @property
+    def batched_cfg(self) -> bool:
+        """Whether guided steps may run both CFG branches as one batch (False when the plan needs the memory)."""
+        return True if self.plan is None else self.plan.batched_cfg
+
+    def _streams(self, role: str) -> bool:
+        return self.plan is not None and self.plan.stream_blocks and role in self.plan.stream_roles
+
+    def _prepare(self, role: str, model: torch.nn.Module) -> None:
+        """Apply the plan to a model about to run: stream a DiT's blocks, set a decoder's chunk size."""
+        if self.plan is None:
+            return
+        if self._streams(role) and streamer_of(model) is None:
+            stream_blocks(model, self.device, prefetch=self.plan.prefetch)
+        if role in self.plan.decoder_roles:
+            chunk_decoder(model, self.plan.decoder_chunk_voxels)
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -78,27 +110,54 @@ class Components:
             log.info("loading %s", role)
             model = self._loaders[role]()
             self._loaded[role] = model
-        elif self.policy == "offload":
+        elif self.policy == "offload" and not self._streams(role):
             model.to(self.device)
+        self._prepare(role, model)
         try:
             yield model
         finally:
             self._release(role)
 
     def _release(self, role: str) -> None:
+        model = self._loaded[role]
+        streamer = streamer_of(model)
+        if streamer is not None:
+            streamer.release()  # copies a failed forward left on the device
         if self.policy == "keep":
             return
+        unstream(model)  # blocks are in CPU memory already; the top-level layers follow below
         if self.policy == "offload":
-            self._loaded[role].to(self.offload_device)
+            self._offload(role, model)
         else:
-            del self._loaded[role]
+            del model, self._loaded[role]
             gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def _offload(self, role: str, model: torch.nn.Module) -> None:
+        if self.device.type != "cuda" or self.offload_device.type != "cpu":
+            model.to(self.offload_device)
+            return
+        store = self._pinned.get(role)
+        if store is None:
+            store = self._pinned[role] = {k: t.detach().to("cpu").pin_memory() for k, t in _tensors(model)}
+        for k, t in _tensors(model):
+            t.data = store[k]
+
     def unload_all(self) -> None:
         """Drop every loaded model (e.g. before a run that needs the memory)."""
         self._loaded.clear()
+        self._pinned.clear()
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters()
+    yield from model.named_buffers()
+
+
+def batched_cfg(components: ComponentSource) -> bool:
+    """Whether guided steps may run both branches as one batch of two (True unless a memory plan says no)."""
+    return bool(getattr(components, "batched_cfg", True))

@@ -38,6 +38,7 @@ from ..ovoxel.ovoxel import OVoxel
 from ..ovoxel.voxelize import mesh_to_flexible_dual_grid
 from ..sampling import SamplerParams
 from ..sparse import SparseTensor
+from ..sparse.spatial import RECORD_KEY
 from ..weights import Normalization
 from .components import ComponentSource
 from .material import sample_material
@@ -102,26 +103,6 @@ class Retexture:
     normalization: MeshNormalization
 
 
-class _ConcreteDevice:
-    """``components`` with its device spelled as tensors report it ("cuda" -> "cuda:0").
-
-    Why: ``SparseTensor.to(device)`` keeps the coordinate cache only when ``device`` equals the tensor's own, and
-    torch.device("cuda") != torch.device("cuda:0"); the stages call ``latent.to(components.device)``, which would
-    silently drop the encoder's subdivision records the texture decoder must retrace.
-    """
-
-    def __init__(self, components: ComponentSource, device: torch.device):
-        self._components, self.device = components, device
-
-    def use(self, role: str):
-        return self._components.use(role)
-
-
-def concrete(components: ComponentSource) -> ComponentSource:
-    device = torch.empty(0, device=components.device).device
-    return components if device == torch.device(components.device) else _ConcreteDevice(components, device)
-
-
 def check_resolution(resolution: int) -> int:
     """Grid R: a multiple of 16 in [16, 2048]. Official values 512 and 1024 (the texture flows' training grids)."""
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution % 16 or not 16 <= resolution <= 2048:
@@ -148,7 +129,6 @@ def encode_mesh(components: ComponentSource, mesh: Mesh, resolution: int = 1024)
     _check_mesh(mesh)
     check_resolution(resolution)
     norm = MeshNormalization.of(mesh.vertices, mesh.faces)
-    components = concrete(components)
     device = components.device
     vertices = norm.to_engine(mesh.vertices).to(device)
     coords, offset, flags = mesh_to_flexible_dual_grid(vertices, mesh.faces.to(device), resolution, **VOXELIZE)
@@ -162,9 +142,8 @@ def encode_mesh(components: ComponentSource, mesh: Mesh, resolution: int = 1024)
 
 
 def sample_mesh_material(components: ComponentSource, cond: Conditioning, encoded: EncodedMesh, **kwargs) -> MaterialLatent:
-    """``material.sample_material`` on the encoded mesh (same keyword arguments); use this rather than calling it
-    directly, so the latent keeps the encoder's records on every device spelling (see ``_ConcreteDevice``)."""
-    return sample_material(concrete(components), cond, encoded.shape, **kwargs)
+    """``material.sample_material`` on the encoded mesh's latent (same keyword arguments)."""
+    return sample_material(components, cond, encoded.shape, **kwargs)
 
 
 @torch.no_grad()
@@ -176,9 +155,15 @@ def decode_on_mesh(components: ComponentSource, material: MaterialLatent, encode
     input voxels in the same row order.
     """
     geometry = encoded.geometry
-    components = concrete(components)
+    latent = material.latent.to(components.device)
+    if latent.get_cache(RECORD_KEY) is None:
+        raise InputError(
+            "material: its latent no longer carries the shape encoder's subdivision records (it was rebuilt or moved "
+            f"from {material.latent.device} to {components.device}); sample it with sample_mesh_material on this "
+            "EncodedMesh, on the device that decodes it"
+        )
     with components.use(TEX_DECODER) as decoder:
-        tex = decoder(material.latent.to(components.device))
+        tex = decoder(latent)
     coords = tex.coords[:, 1:].to(geometry.device)
     if coords.shape != geometry.coords.shape or not torch.equal(coords, geometry.coords):
         raise InputError(
@@ -292,7 +277,6 @@ def retexture_mesh(
     progress(done, total) counts encode (1) + sampler steps + decode and bake (1).
     """
     total = params.steps + 2
-    components = concrete(components)
     encoded = encode_mesh(components, mesh, resolution)
     if progress is not None:
         progress(1, total)

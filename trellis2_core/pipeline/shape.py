@@ -16,7 +16,7 @@ from ..sampling import SamplerParams
 from ..sparse import SparseTensor
 from ..weights import Normalization
 from . import rng
-from .components import ComponentSource
+from .components import ComponentSource, batched_cfg
 from .guidance import run_sampler
 from .structure import coarsen
 from .types import Conditioning, ShapeLatent, Structure, plan
@@ -64,7 +64,8 @@ def _flow(
     with components.use(role) as flow:
         noise = rng.randn((coords.shape[0], flow.config.in_channels), generator, components.device)
         x = SparseTensor(noise, coords.to(components.device))
-        out = run_sampler(flow, x, cond, params, progress=progress, should_stop=should_stop, multiview_mode=multiview_mode)
+        out = run_sampler(flow, x, cond, params, progress=progress, should_stop=should_stop, multiview_mode=multiview_mode,
+                          batched_cfg=batched_cfg(components))
     return out.replace(denormalise(out.feats.float(), norm))
 
 

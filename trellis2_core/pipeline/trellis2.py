@@ -17,8 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from PIL import Image
 
-from ..checkpoints import load_model, read_model_config
-from ..conditioning import DinoV3Conditioner
+from ..checkpoints import read_model_config
 from ..errors import InputError
 from ..image import preprocess_image
 from ..mesh.mesh import Mesh
@@ -26,7 +25,8 @@ from ..ovoxel.ovoxel import OVoxel
 from ..sampling import SamplerParams
 from ..weights import DEFAULT_REPO, PipelineFiles, resolve_pipeline
 from . import rng
-from .components import Components, ComponentSource, Policy
+from .components import ComponentSource, Policy
+from .memory import components_for
 from .decode import decode_material, decode_shape
 from .material import sample_material, tex_role
 from .multiview import stack_views
@@ -78,6 +78,8 @@ class Trellis2Pipeline:
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         policy: Policy = "keep",
+        vram_budget: float | str | None = None,
+        pipeline_type: str | None = None,
         allow_download: bool = True,
         roles: Iterable[str] | None = None,
         **resolve_kwargs: Any,
@@ -86,18 +88,14 @@ class Trellis2Pipeline:
 
         source: a local folder in the official layout or a Hugging Face repo id. dtype: block precision
         (None = released precision on CUDA, float32 on CPU/MPS). policy: see ``Components``.
+        vram_budget: None (no plan), "auto" (this card's memory) or GiB: plans offloading, DiT block streaming
+        and chunked decoding so ``pipeline_type`` (default: the snapshot's) fits (``pipeline/memory.py``).
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype if dtype is not None else default_dtype(device)
         files = resolve_pipeline(source, allow_download=allow_download, roles=roles, **resolve_kwargs)
-
-        def model_loader(role: str):
-            return lambda: load_model(files.models[role], device=device, dtype=dtype)
-
-        loaders: dict[str, Callable[[], Any]] = {role: model_loader(role) for role in files.models}
-        if files.dinov3_path is not None:
-            loaders[IMAGE_COND] = lambda: DinoV3Conditioner.from_folder(files.dinov3_path, device=device)
-        return cls(files, Components(loaders, device, policy=policy))
+        components = components_for(files, device, dtype, vram_budget, policy=policy, pipeline_type=pipeline_type)
+        return cls(files, components)
 
     # ------------------------------------------------------------------------------------------- settings
     def sampler_params(self, stage: str, **overrides: Any) -> SamplerParams:

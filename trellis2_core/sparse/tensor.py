@@ -62,8 +62,13 @@ class SparseTensor:
         return SparseTensor(feats, coords)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseTensor:
-        """Features cast to ``dtype`` and everything moved to ``device``. Same device keeps the cache."""
-        if device is None or torch.device(device) == self.device:
+        """Features cast to ``dtype`` and everything moved to ``device``. Same device keeps the cache.
+
+        "Same" is decided on the concrete device a tensor would land on ("cuda" means "cuda:0" when that is the
+        current device): comparing torch.device("cuda") with a tensor's "cuda:0" would drop the cache and, with it,
+        the encoder's subdivision records the texturing path depends on.
+        """
+        if device is None or torch.empty(0, device=device).device == self.device:
             return SparseTensor(self.feats.to(dtype=dtype), self.coords, cache=self._cache)
         return SparseTensor(self.feats.to(device=device, dtype=dtype), self.coords.to(device))
 

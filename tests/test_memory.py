@@ -1,0 +1,381 @@
+"""Memory: the planner for the official sizes, block streaming, chunked decoding, Components with a plan, options."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import MANIFESTS, Golden, assert_close_rel
+from trellis2.kernels.sparse_conv import reference as spconv
+from trellis2.trellis2_core.errors import InputError
+from trellis2.trellis2_core.models import from_config
+from trellis2.trellis2_core.models.decoder_chunking import chunk_decoder, decoder_chunk_rows
+from trellis2.trellis2_core.nn.streaming import stream_blocks, streamer_of, unstream
+from trellis2.trellis2_core.pipeline import Components
+from trellis2.trellis2_core.pipeline.memory import (
+    DINOV3_VITL16_BYTES, GiB, IMAGE_COND, MemoryPlan, ModelSize, budget_bytes, decoder_activation_bytes,
+    dit_activation_bytes, parse_vram_budget, plan_memory, sizes_from_manifests,
+)  # fmt: skip
+from trellis2.trellis2_core.sparse import SparseTensor
+
+HOST = 128 * GiB
+DIT_ROLE = "shape_slat_flow_model_512"
+
+
+@pytest.fixture(scope="module")
+def sizes():
+    """Official sizes: every role of the official pipeline.json, from the manifests, plus DINOv3 ViT-L fp32."""
+    models = json.loads((MANIFESTS / "pipeline.json").read_text())["args"]["models"]
+    manifests = {role: json.loads((MANIFESTS / f"{path.split('/')[-1]}.json").read_text()) for role, path in models.items()}
+    out = sizes_from_manifests(manifests)
+    out[IMAGE_COND] = ModelSize(IMAGE_COND, "image_cond", DINOV3_VITL16_BYTES)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ planner
+def test_sizes_match_the_manifests(sizes):
+    man = json.loads((MANIFESTS / "slat_flow_img2shape_dit_1_3B_1024_bf16.json").read_text())
+    dit = sizes["shape_slat_flow_model_1024"]
+    assert dit.kind == "dit" and dit.weight_bytes == man["param_bytes_if_stored_as_module_dtype"]  # ~2.62 GB
+    assert len(dit.block_bytes) == 30 and dit.channels == (1536, 8192)
+    assert dit.streamed_bytes(1) < 0.3e9 < 2.5e9 < sum(dit.block_bytes)  # top level + 2 blocks of ~85 MB
+    dec = sizes["shape_slat_decoder"]
+    assert dec.kind == "sc_decoder" and 0.9e9 < dec.weight_bytes < 1.0e9 and dec.channels == (1024, 512, 256, 128, 64)
+    assert sizes["sparse_structure_decoder"].kind == "ss_decoder"
+    # Loading in float32 (CPU) doubles the half tensors.
+    f32 = sizes_from_manifests({"x": man}, torch.float32)["x"]
+    assert 1.9 * dit.weight_bytes < f32.weight_bytes < 2.01 * dit.weight_bytes
+
+
+def test_activation_formulas(sizes):
+    dit = sizes[DIT_ROLE]
+    c, h = dit.channels
+    assert dit_activation_bytes(1, dit) == 2 * (3 * c + 2 * h) + 8 * c  # ~54 kB per token
+    dec = sizes["shape_slat_decoder"]
+    full = decoder_activation_bytes(24576, dec)
+    assert decoder_activation_bytes(24576, dec, 2**20) < full  # chunking lowers the ConvNeXt peak
+    assert decoder_activation_bytes(49152, dec) > 1.9 * full  # linear in the tokens
+
+
+@pytest.mark.parametrize(
+    "pipeline_type, budget, policy, stream, batched, chunked, fits",
+    [
+        ("1024_cascade", 80, "keep", False, True, False, True),
+        ("1024_cascade", 24, "offload", False, True, False, True),
+        ("1024_cascade", 12, "offload", False, True, True, True),  # the issue's target
+        ("1024_cascade", 8, "offload", False, True, True, False),  # honest: the decoders' up blocks do not fit
+        ("512", 80, "keep", False, True, False, True),
+        ("512", 24, "keep", False, True, False, True),
+        ("512", 12, "offload", False, True, False, True),
+        ("512", 8, "offload", False, True, False, True),  # the issue's target
+    ],
+)  # fmt: skip
+def test_plan_for_official_sizes(sizes, pipeline_type, budget, policy, stream, batched, chunked, fits):
+    p = plan_memory(sizes, "cuda", budget, pipeline_type=pipeline_type, host_ram_bytes=HOST)
+    assert (p.policy, p.stream_blocks, p.batched_cfg, p.decoder_chunk_voxels is not None, p.fits) == (
+        policy, stream, batched, chunked, fits), p.table()  # fmt: skip
+    assert p.budget_bytes == budget * GiB and p.usable_bytes < p.budget_bytes
+    assert (p.peak_bytes <= p.usable_bytes) == fits
+    assert p.decoder_roles == ("shape_slat_decoder", "tex_slat_decoder")
+    stages = {s.role for s in p.stages}
+    assert IMAGE_COND in stages and ("shape_slat_flow_model_1024" in stages) == (pipeline_type != "512")
+
+
+def test_plan_streams_and_unbatches_when_the_dit_does_not_fit(sizes):
+    # 65536 tokens: batched CFG needs ~7 GB of activations, one branch ~3.5 GB.
+    p = plan_memory(sizes, "cuda", 8, pipeline_type="512", tokens=65536, host_ram_bytes=HOST)
+    assert not p.batched_cfg and not p.stream_blocks
+    p = plan_memory(sizes, "cuda", 5, pipeline_type="512", tokens=65536, host_ram_bytes=HOST)
+    assert p.stream_blocks and not p.batched_cfg
+    assert set(p.stream_roles) == {"sparse_structure_flow_model", "shape_slat_flow_model_512", "tex_slat_flow_model_512"}
+    dit = [s for s in p.stages if s.role == DIT_ROLE][0]
+    assert dit.weight_bytes == sizes[DIT_ROLE].streamed_bytes(1) and dit.total_bytes <= p.usable_bytes
+
+
+def test_plan_frees_when_host_ram_is_small_and_none_is_unconstrained(sizes):
+    assert plan_memory(sizes, "cuda", 12, host_ram_bytes=8 * GiB).policy == "free"
+    p = plan_memory(sizes, "cuda", None)
+    assert (p.policy, p.stream_blocks, p.decoder_chunk_voxels, p.budget_bytes) == ("keep", False, None, None)
+    assert "| decode shape | shape_slat_decoder |" in p.table() and "budget none" in p.summary()
+
+
+def test_budget_options(monkeypatch):
+    assert parse_vram_budget(None) is None and parse_vram_budget("none") is None and parse_vram_budget(" ") is None
+    assert parse_vram_budget("AUTO") == "auto" and parse_vram_budget("11.5 GB") == 11.5 and parse_vram_budget(8) == 8.0
+    for bad in ("lots", -1, 0, "0", True, float("nan")):
+        with pytest.raises(InputError, match="vram_budget"):
+            parse_vram_budget(bad)
+    with pytest.raises(InputError, match="pipeline_type"):
+        plan_memory({}, "cuda", 8, pipeline_type="2048")
+    with pytest.raises(InputError, match="tokens"):
+        plan_memory({}, "cuda", 8, tokens=(0, 5))
+    assert budget_bytes("auto", "cpu") is None and budget_bytes(2, "cpu") == 2 * GiB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * GiB, 12 * GiB))
+    assert budget_bytes("auto", "cuda:0") == 12 * GiB  # read at call time: the card's total
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+TINY_DIT = {
+    "resolution": 4, "in_channels": 8, "out_channels": 8, "model_channels": 48, "cond_channels": 16,
+    "num_blocks": 3, "num_heads": 2, "mlp_ratio": 5.3334, "pe_mode": "rope", "share_mod": True,
+    "initialization": "scaled", "qk_rms_norm": True, "qk_rms_norm_cross": True, "dtype": "float32",
+}  # fmt: skip
+
+
+def _dit(name: str = "SLatFlowModel", seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = from_config({"name": name, "args": TINY_DIT}, device="cpu").eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def _slat_inputs():
+    g = torch.Generator().manual_seed(1)
+    cells = torch.randperm(8**3, generator=g)[:37]
+    coords = torch.stack([torch.zeros_like(cells), cells // 64, cells // 8 % 8, cells % 8], 1).int()
+    x = SparseTensor(torch.randn(37, 8, generator=g), coords)
+    return x, torch.tensor([700.0]), torch.randn(1, 5, 16, generator=g)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_streaming_is_bit_identical_on_cpu(prefetch):
+    m = _dit()
+    x, t, cond = _slat_inputs()
+    dense, dt, dcond = torch.randn(2, 8, 4, 4, 4), torch.tensor([900.0, 10.0]), torch.randn(2, 3, 16)
+    ss = _dit("SparseStructureFlowModel", seed=2)
+    with torch.no_grad():
+        ref, ref_ss = m(x, t, cond).feats, ss(dense, dt, dcond)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        streamer = stream_blocks(m, "cpu", prefetch=prefetch)
+        stream_blocks(ss, "cpu", prefetch=prefetch)
+        assert torch.equal(m(x, t, cond).feats, ref) and torch.equal(ss(dense, dt, dcond), ref_ss)
+        assert torch.equal(m(x, t, cond).feats, ref)  # a second forward (sampler steps) too
+    assert streamer.loads == 2 * 3 and streamer_of(m) is streamer
+    after = m.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert unstream(m) and streamer_of(m) is None and not unstream(m)
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in m.blocks)
+
+
+class _Toy(nn.Module):
+    """A small 'DiT': top-level layer, buffer, blocks of Linear + LayerNorm; records what its blocks run with."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_layer = nn.Linear(4, 8)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(3))
+        self.register_buffer("scale", torch.ones(8))
+        self.seen: list[int] = []
+        for b in self.blocks:  # inside the block's call, after its streaming pre-hook
+            b[0].register_forward_pre_hook(lambda mod, args: self.seen.append(mod.weight.data_ptr()))
+
+    def forward(self, x):
+        h = self.input_layer(x)
+        for b in self.blocks:
+            h = b(h) * self.scale
+        return h
+
+
+def test_streaming_moves_each_block_in_and_out():
+    # CPU holder, CPU device: the hooks still copy, so inside its forward a block runs on fresh tensors and
+    # outside it its parameters are the (same) held CPU tensors again; top-level layers never move.
+    m = _Toy()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        ref = m(x)
+        held = [b[0].weight.data_ptr() for b in m.blocks]
+        top = m.input_layer.weight.data_ptr()
+        m.seen.clear()
+        stream_blocks(m, "cpu", prefetch=1)
+        assert [b[0].weight.data_ptr() for b in m.blocks] == held and m.input_layer.weight.data_ptr() == top
+        assert torch.equal(m(x), ref)
+    assert len(m.seen) == 3 and not set(m.seen) & set(held)  # ran on copies
+    assert [b[0].weight.data_ptr() for b in m.blocks] == held  # released again
+    # A forward that fails midway leaves its copies installed until release() (Components calls it).
+    m.blocks[1][1].register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
+        m(x)
+    assert m.blocks[1][0].weight.data_ptr() != held[1] and streamer_of(m)._pending  # block 2 prefetched
+    streamer_of(m).release()
+    assert not streamer_of(m)._pending
+    assert [b[0].weight.data_ptr() for b in m.blocks] == held
+
+
+def test_streaming_argument_errors():
+    with pytest.raises(TypeError, match="ModuleList"):
+        stream_blocks(nn.Linear(2, 2), "cpu")
+    with pytest.raises(ValueError, match="prefetch"):
+        stream_blocks(_Toy(), "cpu", prefetch=-1)
+
+
+@pytest.mark.cuda
+def test_streaming_on_cuda_equals_resident():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    m = _dit()
+    x, t, cond = _slat_inputs()
+    with torch.no_grad():
+        resident = m.to("cuda")(x.to("cuda"), t, cond.cuda()).feats
+        m.to("cpu")
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        streamer = stream_blocks(m, "cuda", prefetch=1)
+        assert all(p.is_pinned() for p in m.blocks.parameters())
+        streamed = m(x.to("cuda"), t, cond.cuda()).feats
+        torch.cuda.synchronize()
+    assert torch.equal(streamed, resident) and streamer.loads == 3
+    assert all(p.device.type == "cpu" for p in m.blocks.parameters())
+    block_bytes = sum(p.numel() * p.element_size() for p in m.blocks.parameters())
+    assert torch.cuda.memory_allocated() - base < block_bytes  # blocks left the GPU again
+
+
+# ------------------------------------------------------------------------------------------------ chunked decoding
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_sparse_conv_reference_chunks_compute_the_same(rows):
+    g = torch.Generator().manual_seed(0)
+    cells = torch.randperm(12**3, generator=g)[:300]
+    coords = torch.stack([torch.zeros_like(cells), cells // 144, cells // 12 % 12, cells % 12], 1).int()
+    nbr = spconv.build_neighbours(coords)
+    feats, w, b = torch.randn(300, 5, generator=g), torch.randn(6, 3, 3, 3, 5, generator=g), torch.randn(6, generator=g)
+    whole = spconv.submanifold_conv3d(feats, nbr, w, b, chunk_rows=300)
+    assert torch.allclose(spconv.submanifold_conv3d(feats, nbr, w, b, chunk_rows=rows), whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def decoders():
+    g = Golden("scvae_decoders")
+
+    def load(config, weights):
+        model = from_config(config, device="meta")
+        want = model.state_dict()
+        model.load_state_dict({k: v.to(want[k].dtype) for k, v in weights.items()}, strict=True, assign=True)
+        return model.eval()
+
+    shape = load(g.config["shape_dec"], g.weights_with_prefix("shape_dec."))
+    tex = load(g.config["tex_dec"], g.weights_with_prefix("tex_dec."))
+    return shape, tex, SparseTensor(g.inputs["latent_feats"], g.inputs["latent_coords"])
+
+
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_chunked_decoders_compute_the_same(decoders, rows):
+    shape, tex, latent = decoders
+    with torch.no_grad():
+        raw, subs = shape(latent, return_subs=True)
+        col = tex(latent, guide_subs=subs)
+        assert chunk_decoder(shape, rows) > 0 and chunk_decoder(tex, rows) > 0 and decoder_chunk_rows(shape) == rows
+        try:
+            raw_c, subs_c = shape(latent, return_subs=True)
+            col_c = tex(latent, guide_subs=subs_c)
+        finally:
+            chunk_decoder(shape, None), chunk_decoder(tex, None)
+    assert decoder_chunk_rows(shape) is None
+    assert torch.equal(raw_c.coords, raw.coords) and torch.equal(col_c.coords, col.coords)
+    # Same operations per row; a GEMM over fewer rows may take another kernel (fp32 CPU: ~5e-7 relative).
+    assert_close_rel(raw_c.feats, raw.feats, rtol=2e-6, what="shape decoder")
+    assert_close_rel(col_c.feats, col.feats, rtol=2e-6, what="texture decoder")
+    for a, b in zip(subs_c, subs):  # the subdivision decisions are the same
+        assert torch.equal(a.feats > 0, b.feats > 0)
+        assert_close_rel(a.feats, b.feats, rtol=2e-6, what="subdivision logits")
+    with pytest.raises(ValueError, match="rows"):
+        chunk_decoder(shape, 0)
+
+
+# ------------------------------------------------------------------------------------------------ Components
+def _plan(policy: str, **kw) -> MemoryPlan:
+    base = dict(stream_blocks=True, decoder_chunk_voxels=4, batched_cfg=False, pipeline_type="512",
+                stream_roles=(DIT_ROLE,), decoder_roles=("shape_slat_decoder",))  # fmt: skip
+    return MemoryPlan(policy=policy, **{**base, **kw})
+
+
+@pytest.mark.parametrize("policy", ["keep", "offload", "free"])
+def test_components_follow_the_plan(decoders, policy):
+    loads = []
+    shape_dec = decoders[0]
+
+    def dit_loader():
+        loads.append(DIT_ROLE)
+        return _dit()
+
+    comps = Components({DIT_ROLE: dit_loader, "shape_slat_decoder": lambda: shape_dec}, "cpu", policy=policy, plan=_plan(policy))
+    assert comps.batched_cfg is False and Components({}, "cpu").batched_cfg is True
+    x, t, cond = _slat_inputs()
+    ref = _dit()(x, t, cond).feats
+    for _ in range(2):
+        with comps.use(DIT_ROLE) as m, torch.no_grad():
+            assert streamer_of(m) is not None
+            assert torch.equal(m(x, t, cond).feats, ref)
+        held = comps._loaded.get(DIT_ROLE)
+        assert (held is not None) == (policy != "free")
+        assert (held is not None and streamer_of(held) is not None) == (policy == "keep")  # released: unstreamed
+    assert loads == [DIT_ROLE] * (2 if policy == "free" else 1)
+    with comps.use("shape_slat_decoder") as dec:
+        assert decoder_chunk_rows(dec) == 4
+    chunk_decoder(shape_dec, None)
+
+
+def test_components_without_a_plan_do_nothing_new():
+    m = _dit()
+    comps = Components({DIT_ROLE: lambda: m}, "cpu", policy="offload")
+    with comps.use(DIT_ROLE) as used:
+        assert used is m and streamer_of(m) is None
+
+
+# ------------------------------------------------------------------------------------------------ components_for
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from trellis2.trellis2_core.testing.tiny_snapshot import write_tiny_snapshot
+    from trellis2.trellis2_core.weights import resolve_pipeline
+
+    return resolve_pipeline(write_tiny_snapshot(tmp_path_factory.mktemp("snapshot") / "tiny"), allow_download=False)
+
+
+def test_components_for_plans_from_the_headers_and_generates_the_same(tiny):
+    import numpy as np
+    from PIL import Image
+
+    from trellis2.trellis2_core.pipeline import Trellis2Pipeline
+    from trellis2.trellis2_core.pipeline.memory import components_for, sizes_from_files
+
+    sizes = sizes_from_files(tiny, torch.float32)
+    assert sizes[DIT_ROLE].kind == "dit" and len(sizes[DIT_ROLE].block_bytes) == 2 and IMAGE_COND in sizes
+    free = components_for(tiny, "cpu", torch.float32, None)
+    assert free.plan is None and free.policy == "keep"
+    assert components_for(tiny, "cpu", torch.float32, "auto").plan is None  # auto off CUDA: no budget
+    # A budget below the tiny models' activations forces every measure: streaming, one CFG branch, chunking.
+    tight = components_for(tiny, "cpu", torch.float32, 1e-5, pipeline_type="512", tokens=4096)
+    plan = tight.plan
+    assert plan.stream_blocks and not plan.batched_cfg and plan.decoder_chunk_voxels and not plan.fits
+    assert tight.policy in ("offload", "free") and DIT_ROLE in plan.stream_roles
+    with pytest.raises(InputError, match="policy"):
+        components_for(tiny, "cpu", torch.float32, 8, policy="sometimes")
+
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[16:48, 12:50] = (200, 60, 30, 255)
+    image = Image.fromarray(rgba, "RGBA")
+    fast = {s: {"steps": 2} for s in ("sparse_structure", "shape_slat", "tex_slat")}
+    outs = [Trellis2Pipeline(tiny, c).generate(image, seed=1, pipeline_type="512", sampler_overrides=fast)
+            for c in (free, tight)]  # fmt: skip
+    a, b = (o.ovoxel for o in outs)
+    assert torch.equal(a.coords, b.coords)
+    assert_close_rel(b.attributes, a.attributes, rtol=2e-6, what="PBR attributes")
+
+
+@pytest.mark.cuda
+def test_offload_on_cuda_keeps_a_pinned_copy_and_gives_the_same_result():
+    from trellis2.trellis2_core.pipeline.components import Components
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).cuda()
+    comps = Components({"m": lambda: net}, "cuda", policy="offload")
+    x = torch.randn(8, 16, device="cuda")
+    with comps.use("m") as m:
+        first = m(x)
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in net.parameters())
+    with comps.use("m") as m:
+        assert all(p.device.type == "cuda" for p in m.parameters())
+        assert torch.equal(m(x), first)

@@ -1,0 +1,74 @@
+"""Row-chunked ConvNeXt blocks for the SC-VAE decoders: same result, a fraction of the peak memory.
+
+A ``SparseConvNeXtBlock3d`` at level i computes ``x + mlp(LN(conv(x)))`` on N_i voxels of C_i channels. Its
+largest temporaries are row-wise: the fp32 LayerNorm copies (2 x N*C*4 bytes) and the MLP's hidden layer
+and SiLU output (2 x N*4C*2 bytes in fp16), ~22 N*C bytes next to the 2 N*C bytes of x. Computed in chunks of
+``rows`` voxels into one preallocated output, the block holds x, conv(x) and the output (6 N*C bytes) plus
+one chunk's temporaries. Every row goes through exactly the same operations, so results equal the unchunked
+block up to float rounding: a GEMM over fewer rows may take another kernel (fp32 on CPU, the golden decoders
+differ by ~5e-7 relative; the tests bound it at 2e-6; subdivision decisions are identical).
+
+The convolutions need not be chunked here: the torch backend already bounds its gathered block
+(``kernels/sparse_conv/reference.py``, 256 MiB) and the triton backend holds no temporary. The up blocks
+(``SparseResBlockC2S3d``) are not chunked: their conv1 output [N, 8*Co] feeds ``channel2spatial`` whole.
+
+``chunk_decoder(model, rows)`` switches every ConvNeXt block of a decoder (or encoder) to the chunked forward;
+``rows=None`` switches back. It sets an instance ``forward``; no parameter, name or state_dict key changes.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn as nn
+
+from ..sparse import SparseTensor
+from .sparse_unet_vae import SparseConvNeXtBlock3d, _ln32
+
+_ROWS_ATTR = "_trellis2_chunk_rows"
+
+
+def _chunked_forward(self: SparseConvNeXtBlock3d, x: SparseTensor) -> SparseTensor:
+    """``SparseConvNeXtBlock3d.forward`` in row chunks of ``self._trellis2_chunk_rows``."""
+    rows = getattr(self, _ROWS_ATTR)
+    n = x.feats.shape[0]
+    if n <= rows:
+        return SparseConvNeXtBlock3d.forward(self, x)
+    h = self.conv(x).feats
+    out = None
+    for r0 in range(0, n, rows):
+        part = self.mlp(_ln32(self.norm, h[r0 : r0 + rows])) + x.feats[r0 : r0 + rows]
+        if out is None:
+            out = torch.empty((n, part.shape[1]), dtype=part.dtype, device=part.device)
+        out[r0 : r0 + rows] = part
+    return x.replace(out)
+
+
+def chunk_decoder(model: nn.Module, rows: int | None) -> int:
+    """Run ``model``'s ConvNeXt blocks in chunks of ``rows`` voxels (None: unchunked). Returns the blocks changed."""
+    if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
+        raise ValueError(f"chunk_decoder: rows must be a positive integer or None; got {rows!r}")
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, SparseConvNeXtBlock3d):
+            continue
+        if rows is None:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop(_ROWS_ATTR, None)
+        else:
+            module.__dict__[_ROWS_ATTR] = rows
+            module.__dict__["forward"] = types.MethodType(_chunked_forward, module)
+        count += 1
+    return count
+
+
+def decoder_chunk_rows(model: nn.Module) -> int | None:
+    """The chunk size ``chunk_decoder`` set on ``model`` (None: unchunked or no ConvNeXt blocks)."""
+    for module in model.modules():
+        if isinstance(module, SparseConvNeXtBlock3d):
+            return module.__dict__.get(_ROWS_ATTR)
+    return None
+
+
+__all__ = ["chunk_decoder", "decoder_chunk_rows"]

@@ -1,0 +1,388 @@
+"""Memory planner: which policy, streaming, CFG batching and decoder chunking make a pipeline fit a VRAM budget.
+
+    plan = plan_memory(files, "cuda", 12)             # PipelineFiles, {role: ModelSize}, or {role: manifest dict}
+    comps = components_for(files, "cuda", None, 12)   # Components that follow the plan (what from_pretrained uses)
+
+Weights come from the checkpoints (safetensors headers: exact bytes per tensor; 'blocks.*' split out per
+block). Activations are rough peaks per stage, from the shapes involved (e = activation element size, 2 for the
+released bf16/fp16 blocks; all byte counts are per token or voxel):
+
+* DiT at N tokens (C channels, H = MLP hidden; 1536 / 8192 released): the MLP holds x, h, out [N, C] and the
+  hidden and GELU output [N, H]: ``N * (e*(3C + 2H) + 8C)`` (the 8C: fp32 LayerNorm/RMSNorm copies). Flash /
+  memory-efficient SDPA keeps attention O(N). Batched CFG doubles N. 54 kB per token released.
+* SC-VAE decoder, latent of T tokens: level i has N_i = T * 4^i voxels (each x2 subdivision keeps ~4 of 8
+  children of a surface) and C_i channels. A ConvNeXt block peaks at ``11e * N*C`` (x, conv(x), LN out, MLP
+  hidden and SiLU at 4C), ``3e*N*C + rows*C*(8 + 9e)`` when chunked by ``rows`` (models/decoder_chunking.py).
+  An up block (C -> Co, N -> N' = 4N) peaks at ``max(e*(N*C + 8*N*Co + N'*Co), e*N*C + (3e + 8)*N'*Co)``.
+  Neighbour maps cost 216 bytes per voxel (int64 [N, 27]) of the current and the previous level, and the torch
+  conv backend gathers up to 256 MiB more.
+* DINOv3 and the dense sparse-structure decoder: 0.5 GiB each (small grids: 4101 tokens, 64^3 x 32 ch).
+
+Token counts per pipeline type (``DEFAULT_TOKENS``, override with ``tokens=``) are typical large objects, not
+the cap: 512: 8192 tokens; 1024_cascade: 8192 (512 stage) then 24576 (1024 stage, ~6.3 M output voxels).
+
+Decisions, cheapest first: "keep" when every weight plus the largest stage fits; else "offload" (or "free"
+when host RAM cannot hold all weights). Then the DiTs: batched CFG if it fits, else one CFG branch at a time,
+else block streaming (weights: top-level + 1 + prefetch blocks), else both. Then decoders: chunk rows (2^20
+down to 2^14) until the estimate fits. ``fits`` says whether the estimate is within the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ..checkpoints import read_model_config, read_safetensors_header
+from ..errors import InputError
+from .components import Components, Policy
+from .types import PIPELINE_TYPES, plan as pipeline_plan
+
+log = logging.getLogger(__name__)
+
+GiB = 2**30
+IMAGE_COND = "image_cond_model"  # same as trellis2.IMAGE_COND (not imported: trellis2.py imports this module)
+SS_FLOW, SS_DECODER = "sparse_structure_flow_model", "sparse_structure_decoder"
+SC_DECODERS = ("shape_slat_decoder", "tex_slat_decoder")
+DEFAULT_TOKENS = {"512": (8192, 8192), "1024": (24576, 24576), "1024_cascade": (8192, 24576), "1536_cascade": (8192, 49152)}
+_DIT = {"SparseStructureFlowModel", "SLatFlowModel", "ElasticSLatFlowModel"}
+_SC_DEC = {"FlexiDualGridVaeDecoder", "SparseUnetVaeDecoder"}
+_ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+         "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
+_SMALL_STAGE = GiB // 2
+_CONV_GATHER = 256 * 2**20
+_NBR = 216  # int64 neighbour map bytes per voxel
+_POLICY_ORDER = ("keep", "offload", "free")
+# DINOv3 ViT-L/16 (facebook/dinov3-vitl16-pretrain-lvd1689m): 303 M parameters, loaded in float32. For planning
+# from manifests, which do not list it; ``sizes_from_files`` reads the real header.
+DINOV3_VITL16_BYTES = 303_129_600 * 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """Weights of one role: total bytes, bytes per DiT block, and the shapes the activation formulas need."""
+
+    role: str
+    kind: str  # "dit", "sc_decoder", "ss_decoder", "image_cond", "other"
+    weight_bytes: int
+    block_bytes: tuple[int, ...] = ()  # per entry of ``blocks`` (DiTs)
+    channels: tuple[int, ...] = ()  # dit: (C, H); sc_decoder: model_channels per level
+    elem_bytes: int = 2
+    resolution: int = 0  # dit: config resolution (the dense SS flow has resolution^3 tokens)
+
+    def streamed_bytes(self, prefetch: int) -> int:
+        """Weights on the device while streaming: everything but the blocks, plus (1 + prefetch) largest blocks."""
+        if not self.block_bytes:
+            return self.weight_bytes
+        window = sum(sorted(self.block_bytes, reverse=True)[: 1 + prefetch])
+        return self.weight_bytes - sum(self.block_bytes) + window
+
+    @classmethod
+    def from_tensors(cls, role: str, class_name: str, args: Mapping[str, Any], tensors: Mapping[str, tuple[str, tuple[int, ...]]],
+                     dtype: torch.dtype | None = None) -> ModelSize:  # fmt: skip
+        """tensors: key -> (safetensors dtype string, shape). dtype: block precision the loader casts half tensors to."""
+        kinds = {**dict.fromkeys(_DIT, "dit"), **dict.fromkeys(_SC_DEC, "sc_decoder"), "SparseStructureDecoder": "ss_decoder"}
+        kind = "image_cond" if role == IMAGE_COND else kinds.get(class_name, "other")
+        half = dtype.itemsize if dtype is not None else None
+        total, blocks, elem = 0, {}, 2
+        for key, (dt, shape) in tensors.items():
+            if key == "rope_phases":
+                continue  # recomputed, never loaded (checkpoints.py)
+            numel = 1
+            for s in shape:
+                numel *= s
+            size = half if (half is not None and dt in ("F16", "BF16")) else _ITEM.get(dt, 4)
+            total += numel * size
+            if key.startswith("blocks."):
+                idx = int(key.split(".")[1]) if key.split(".")[1].isdigit() else 0
+                blocks[idx] = blocks.get(idx, 0) + numel * size
+                if len(shape) >= 2:
+                    elem = size
+        channels: tuple[int, ...] = ()
+        if kind == "dit":
+            c = int(args["model_channels"])
+            channels = (c, int(c * float(args.get("mlp_ratio", 4.0))))
+        elif kind == "sc_decoder":
+            channels = tuple(int(c) for c in args["model_channels"])
+        block_bytes = tuple(blocks[i] for i in sorted(blocks)) if kind == "dit" else ()
+        return cls(role, kind, total, block_bytes, channels, elem, int(args.get("resolution", 0) or 0))
+
+
+def sizes_from_files(files: Any, dtype: torch.dtype | None = None) -> dict[str, ModelSize]:
+    """ModelSize per role of a ``weights.PipelineFiles`` (headers only: no tensor data is read)."""
+    out = {}
+    for role, mf in files.models.items():
+        cfg = read_model_config(mf.config_path)
+        header = read_safetensors_header(mf.weights_path)
+        tensors = {k: (v.dtype, v.shape) for k, v in header.items()}
+        out[role] = ModelSize.from_tensors(role, cfg.get("name", ""), cfg.get("args", {}), tensors, dtype)
+    dino = getattr(files, "dinov3_path", None)
+    if dino is not None:
+        tensors = {}
+        for f in sorted(os.listdir(dino)):
+            if f.endswith(".safetensors"):
+                tensors.update({k: (v.dtype, v.shape) for k, v in read_safetensors_header(os.path.join(dino, f)).items()})
+        out[IMAGE_COND] = ModelSize.from_tensors(IMAGE_COND, "DINOv3", {}, tensors, torch.float32)
+    return out
+
+
+def sizes_from_manifests(manifests: Mapping[str, Mapping[str, Any]], dtype: torch.dtype | None = None) -> dict[str, ModelSize]:
+    """ModelSize per role from manifest dicts ({"config": {"name", "args"}, "params": {key: {"shape", "dtype"}}})."""
+    return {
+        role: ModelSize.from_tensors(role, m["config"]["name"], m["config"]["args"],
+                                     {k: (v["dtype"], tuple(v["shape"])) for k, v in m["params"].items()}, dtype)
+        for role, m in manifests.items()
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- activations
+def dit_activation_bytes(tokens: int, size: ModelSize) -> int:
+    """Peak activation bytes of one DiT forward over ``tokens`` tokens (all batch items together)."""
+    c, h = size.channels
+    return tokens * (size.elem_bytes * (3 * c + 2 * h) + 8 * c)
+
+
+def decoder_activation_bytes(tokens: int, size: ModelSize, chunk_rows: int | None = None) -> int:
+    """Peak activation bytes of an SC-VAE decode of a ``tokens``-voxel latent (see the module docstring)."""
+    e, ch = size.elem_bytes, size.channels
+    peak = 0
+    for i, c in enumerate(ch):
+        n = tokens * 4**i
+        conv = 11 * e * n * c if chunk_rows is None or chunk_rows >= n else 3 * e * n * c + chunk_rows * c * (8 + 9 * e)
+        peak = max(peak, conv + 2 * _NBR * n)
+        if i + 1 < len(ch):
+            co, n2 = ch[i + 1], 4 * n
+            up = max(e * (n * c + 8 * n * co + n2 * co), e * n * c + (3 * e + 8) * n2 * co)
+            peak = max(peak, up + _NBR * (n + n2))
+    last = tokens * 4 ** (len(ch) - 1)
+    head = last * ch[-1] * (e + 8) + _NBR * last
+    return max(peak, head) + _CONV_GATHER
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+@dataclasses.dataclass(frozen=True)
+class StageEstimate:
+    stage: str
+    role: str
+    weight_bytes: int  # on the device during this stage (all resident models under "keep")
+    activation_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """What ``Components`` does to stay within ``budget_bytes`` (None = unconstrained)."""
+
+    policy: Policy
+    stream_blocks: bool
+    decoder_chunk_voxels: int | None
+    batched_cfg: bool
+    pipeline_type: str
+    budget_bytes: int | None = None
+    usable_bytes: int | None = None
+    prefetch: int = 1
+    stream_roles: tuple[str, ...] = ()
+    decoder_roles: tuple[str, ...] = SC_DECODERS
+    stages: tuple[StageEstimate, ...] = ()
+    fits: bool = True
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((s.total_bytes for s in self.stages), default=0)
+
+    def summary(self) -> str:
+        chunk = self.decoder_chunk_voxels or "off"
+        budget = "none" if self.budget_bytes is None else f"{self.budget_bytes / GiB:.1f} GiB"
+        return (f"{self.pipeline_type} budget {budget}: policy {self.policy}, stream_blocks {self.stream_blocks}, "
+                f"batched_cfg {self.batched_cfg}, decoder_chunk_voxels {chunk}; estimated peak "
+                f"{self.peak_bytes / GiB:.2f} GiB{'' if self.fits else ' (DOES NOT FIT)'}")  # fmt: skip
+
+    def table(self) -> str:
+        """Per-stage estimate (GiB) as a Markdown table, headed by ``summary()``."""
+        rows = [self.summary(), "", "| stage | role | weights | activations | total |", "|---|---|---|---|---|"]
+        for s in self.stages:
+            gib = (f"{b / GiB:.2f}" for b in (s.weight_bytes, s.activation_bytes, s.total_bytes))
+            rows.append(f"| {s.stage} | {s.role} | {' | '.join(gib)} |")
+        return "\n".join(rows)
+
+
+def parse_vram_budget(value: Any, what: str = "vram_budget") -> float | str | None:
+    """None / "none" / "off" / "" -> None (no budget), "auto" -> "auto", a positive number (GiB; "8", "11.5 GB") -> float."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InputError(f"{what} must be 'auto', 'none' or a number of GiB (e.g. 8 or 11.5); got {value!r}")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        text = str(value).strip().lower()
+        if text in ("", "none", "off", "unlimited"):
+            return None
+        if text == "auto":
+            return "auto"
+        text = text.removesuffix("gib").removesuffix("gb").removesuffix("g").strip()
+        try:
+            number = float(text)
+        except ValueError:
+            raise InputError(f"{what} must be 'auto', 'none' or a number of GiB (e.g. 8 or 11.5); got {value!r}") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise InputError(f"{what} must be a positive number of GiB (e.g. 8); got {value!r}. Use 'none' for no budget")
+    return number
+
+
+def budget_bytes(vram_budget: Any, device: torch.device | str) -> int | None:
+    """The budget in bytes: "auto" reads the card's total memory now (None off CUDA); numbers are GiB."""
+    value = parse_vram_budget(vram_budget)
+    device = torch.device(device)
+    if value == "auto":
+        if device.type != "cuda":
+            return None
+        free, total = torch.cuda.mem_get_info(device)
+        log.info("vram_budget auto: %s has %.1f GiB (%.1f GiB free)", device, total / GiB, free / GiB)
+        return int(total)
+    return None if value is None else int(value * GiB)
+
+
+def _host_ram() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _stages(sizes: Mapping[str, ModelSize], pipeline_type: str, tokens: tuple[int, int]) -> list[tuple[str, str, Callable]]:
+    """(stage, role, activation(batched_cfg, chunk_rows) -> bytes) for the roles of ``pipeline_type`` present in sizes."""
+    p = pipeline_plan(pipeline_type)
+    lr, hr = tokens
+    final = hr if p.cascade else lr
+    out: list[tuple[str, str, Callable]] = []
+
+    def dit(stage: str, role: str, n: int) -> None:
+        if role in sizes:
+            out.append((stage, role, lambda b, r, s=sizes[role]: dit_activation_bytes(n * (2 if b else 1), s)))
+
+    if IMAGE_COND in sizes:
+        out.append(("condition", IMAGE_COND, lambda b, r: _SMALL_STAGE))
+    if SS_FLOW in sizes:
+        dit("structure", SS_FLOW, max(sizes[SS_FLOW].resolution, 1) ** 3)
+    if SS_DECODER in sizes:
+        out.append(("structure decode", SS_DECODER, lambda b, r: _SMALL_STAGE))
+    for i, role in enumerate(p.shape_models):
+        dit(f"shape {'LR' if p.cascade and i == 0 else 'flow'}", role, lr if i == 0 else hr)
+    dit("material", p.tex_model, final)
+    for role in SC_DECODERS:
+        if role in sizes:
+            out.append((f"decode {role.split('_')[0]}", role, lambda b, r, s=sizes[role]: decoder_activation_bytes(final, s, r)))
+    return out
+
+
+def plan_memory(sizes: Any, device: torch.device | str, vram_budget: Any, *, pipeline_type: str = "1024_cascade",
+                tokens: tuple[int, int] | int | None = None, host_ram_bytes: int | None = None,
+                prefetch: int = 1, dtype: torch.dtype | None = None) -> MemoryPlan:  # fmt: skip
+    """The cheapest plan whose estimate fits ``vram_budget`` ("auto", None, or GiB) on ``device``.
+
+    sizes: ``weights.PipelineFiles``, or {role: ModelSize}. tokens: (first shape flow, last shape flow) latent
+    tokens, or one int for both (default ``DEFAULT_TOKENS[pipeline_type]``). host_ram_bytes: default the
+    machine's. dtype: block precision the loader will use (None = the files' own).
+    """
+    if pipeline_type not in PIPELINE_TYPES:
+        raise InputError(f"pipeline_type must be one of {list(PIPELINE_TYPES)}; got {pipeline_type!r}")
+    if not isinstance(sizes, Mapping):
+        sizes = sizes_from_files(sizes, dtype)
+    tok = DEFAULT_TOKENS[pipeline_type] if tokens is None else (tokens, tokens) if isinstance(tokens, int) else tuple(tokens)
+    if len(tok) != 2 or any(not isinstance(t, int) or t < 1 for t in tok):
+        raise InputError(f"tokens must be a positive int or a pair (first, last shape flow tokens); got {tokens!r}")
+    stages = _stages(sizes, pipeline_type, tok)
+    roles = sorted({r for _, r, _ in stages})
+    dits = tuple(r for r in roles if sizes[r].kind == "dit")
+    decoders = tuple(r for r in roles if sizes[r].kind == "sc_decoder")
+    budget = budget_bytes(vram_budget, device)
+    all_weights = sum(sizes[r].weight_bytes for r in roles)
+
+    def estimate(policy: str, batched: bool, stream: bool, chunk: int | None) -> tuple[StageEstimate, ...]:
+        out = []
+        for stage, role, act in stages:
+            own = sizes[role].streamed_bytes(prefetch) if (stream and role in dits) else sizes[role].weight_bytes
+            w = all_weights - sizes[role].weight_bytes + own if policy == "keep" else own
+            out.append(StageEstimate(stage, role, w, act(batched, chunk)))
+        return tuple(out)
+
+    def make(policy, batched, stream, chunk, usable=None, fits=True) -> MemoryPlan:
+        return MemoryPlan(policy, stream, chunk, batched, pipeline_type, budget, usable, prefetch,
+                          dits if stream else (), decoders, estimate(policy, batched, stream, chunk), fits)  # fmt: skip
+
+    if budget is None:
+        return make("keep", True, False, None)
+    usable = budget - max(GiB // 2, int(0.08 * budget))  # CUDA context, allocator fragmentation
+
+    def peak(est, kinds) -> int:
+        return max((s.total_bytes for s in est if sizes[s.role].kind in kinds), default=0)
+
+    keep = estimate("keep", True, False, None)
+    if max(s.total_bytes for s in keep) <= usable:
+        return make("keep", True, False, None, usable)
+    ram = _host_ram() if host_ram_bytes is None else host_ram_bytes
+    policy = "free" if ram is not None and all_weights > 0.7 * ram else "offload"
+    fits = True
+    for batched, stream in ((True, False), (False, False), (True, True), (False, True)):
+        if peak(estimate(policy, batched, stream, None), ("dit",)) <= usable:
+            break
+    else:
+        fits = False
+    chunk = None
+    if peak(estimate(policy, batched, stream, None), ("sc_decoder",)) > usable:
+        # Largest chunk that fits; if none does, the largest with the lowest peak (the up blocks may dominate).
+        tried = [(peak(estimate(policy, batched, stream, 2**k), ("sc_decoder",)), -(2**k)) for k in range(20, 13, -1)]
+        fitting = [t for t in tried if t[0] <= usable]
+        chunk = -(fitting[0] if fitting else min(tried))[1]
+    result = make(policy, batched, stream, chunk, usable)
+    fits = fits and result.peak_bytes <= usable
+    result = dataclasses.replace(result, fits=fits)
+    (log.info if fits else log.warning)("memory plan: %s", result.summary())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- components
+def components_for(files: Any, device: torch.device | str, dtype: torch.dtype | None, vram_budget: Any = None, *,
+                   policy: Policy = "keep", pipeline_type: str | None = None, tokens: Any = None) -> Components:  # fmt: skip
+    """``Components`` for a ``weights.PipelineFiles``: lazy loaders for every role (+ DINOv3), following the
+    plan for ``vram_budget`` (None: no plan, ``policy`` as given). A plan's policy applies when stricter than
+    ``policy`` ("keep" < "offload" < "free"). Streamed DiTs are read into CPU memory, never whole onto the device.
+    """
+    from ..checkpoints import load_model
+    from ..conditioning import DinoV3Conditioner
+
+    if policy not in _POLICY_ORDER:
+        raise InputError(f"policy must be one of {list(_POLICY_ORDER)}; got {policy!r}")
+    device = torch.device(device)
+    memory_plan = None
+    if parse_vram_budget(vram_budget) is not None:
+        ptype = pipeline_type or getattr(files, "default_pipeline_type", None) or "1024_cascade"
+        memory_plan = plan_memory(files, device, vram_budget, pipeline_type=ptype, tokens=tokens, dtype=dtype)
+        if memory_plan.budget_bytes is None:
+            memory_plan = None  # "auto" off CUDA: nothing to fit
+        else:
+            policy = max(policy, memory_plan.policy, key=_POLICY_ORDER.index)
+    streamed = set(memory_plan.stream_roles) if memory_plan is not None else set()
+
+    def loader(role: str):
+        where = torch.device("cpu") if role in streamed else device
+        return lambda: load_model(files.models[role], device=where, dtype=dtype)
+
+    loaders: dict[str, Callable[[], Any]] = {role: loader(role) for role in files.models}
+    if files.dinov3_path is not None:
+        loaders[IMAGE_COND] = lambda: DinoV3Conditioner.from_folder(files.dinov3_path, device=device)
+    return Components(loaders, device, policy=policy, plan=memory_plan)
+
+
+__all__ = [
+    "DEFAULT_TOKENS", "DINOV3_VITL16_BYTES", "MemoryPlan", "ModelSize", "StageEstimate", "budget_bytes", "components_for",
+    "decoder_activation_bytes", "dit_activation_bytes", "parse_vram_budget", "plan_memory", "sizes_from_files",
+    "sizes_from_manifests",
+]  # fmt: skip
