@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import export, generation, mesh_nodes
+from . import export, generation, mesh_nodes, multiview, retexture
 from .model_management import register_model_folder
 
 
 class Trellis2Extension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*generation.NODES, *mesh_nodes.NODES, *export.NODES]
+        return [*generation.NODES, *multiview.NODES, *mesh_nodes.NODES, *retexture.NODES, *export.NODES]
 
 
 def make_extension() -> Trellis2Extension:

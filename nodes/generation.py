@@ -11,6 +11,7 @@ A seed >= 0 on a later node starts a fresh stream there (vary one stage while ke
 
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io
 
 from ..trellis2_core.errors import InputError
@@ -107,13 +108,18 @@ class Trellis2LoadModel(io.ComfyNode):
                 io.Boolean.Input("allow_download", default=False,
                                  tooltip="For a local folder: download parts it lacks (the structure decoder from "
                                          "microsoft/TRELLIS-image-large, DINOv3) from Hugging Face. Off: only local files."),
+                io.String.Input("vram_budget", default="auto",
+                                tooltip="GPU memory the TRELLIS.2 stages may use: 'auto' (this card's memory), a number of "
+                                        "GiB (e.g. 8 or 11.5), or 'none'. Under a tight budget each network is offloaded "
+                                        "when its stage ends, the flow transformers are streamed block by block from CPU "
+                                        "memory, and the decoders work in chunks; the plan is logged."),
             ],
             outputs=[ModelSocket.Output(display_name="model")],
         )  # fmt: skip
 
     @classmethod
-    def execute(cls, pipeline, precision, device_policy, allow_download) -> io.NodeOutput:
-        return io.NodeOutput(mgmt.load_pipeline(pipeline, precision, device_policy, allow_download))
+    def execute(cls, pipeline, precision, device_policy, allow_download, vram_budget="auto") -> io.NodeOutput:
+        return io.NodeOutput(mgmt.load_pipeline(pipeline, precision, device_policy, allow_download, vram_budget))
 
 
 class Trellis2Conditioning(io.ComfyNode):
@@ -124,7 +130,8 @@ class Trellis2Conditioning(io.ComfyNode):
             description="Crop the object to a square on black (as the reference) and encode it with DINOv3.",
             inputs=[
                 _model_input(),
-                io.Image.Input("image", tooltip="One image (batch of 1), RGB or RGBA; the object on a plain background."),
+                io.Image.Input("image", tooltip="One image (batch of 1), RGB or RGBA; the object on a plain background. Several "
+                                              "views of one object: use Trellis2MultiViewConditioning."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="Optional foreground mask of the image (replaces its alpha). Without a mask the image "
                                       "needs an alpha channel."),
@@ -147,6 +154,11 @@ class Trellis2Conditioning(io.ComfyNode):
             raise InputError(f"mask_convention must be one of {list(MASK_CONVENTIONS)}; got {mask_convention!r}")
         if resolutions not in RESOLUTIONS:
             raise InputError(f"resolutions must be one of {list(RESOLUTIONS)}; got {resolutions!r}")
+        if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[0] > 1:
+            raise InputError(
+                f"image: expected one image; got a batch of {image.shape[0]}. For several views of one object use "
+                "TRELLIS.2 Multi-View Conditioning (Trellis2MultiViewConditioning); else pick one image ('ImageFromBatch')"
+            )
         crop = from_comfy(image, mask, mask_is_foreground=MASK_CONVENTIONS[mask_convention] if mask is not None else None)
         cond = model.condition(crop, RESOLUTIONS[resolutions], preprocess=False)
         return io.NodeOutput(cond, to_comfy(crop))

@@ -9,6 +9,17 @@ patchers and the engine never holds a model between stages.
 
 Models are loaded fully (``force_full_load``): ComfyUI's partial "lowvram" loading needs every weight-holding
 module to be one of its casting ops, and our sparse convolutions, norms and modulation vectors are not.
+
+With a VRAM budget (``vram_budget``: "auto" = the card's memory, or GiB) the handle carries a ``MemoryPlan``
+(trellis2_core/pipeline/memory.py). Then each load asks ComfyUI for the stage's activation estimate too
+(``memory_required``, so other models are evicted before the stage rather than after an OOM), each network is
+offloaded as soon as its stage ends, the DiTs the plan names are streamed block by block from CPU memory instead
+of being loaded (ComfyUI only frees room for them), and the decoders run their ConvNeXt blocks in chunks.
+
+Texturing (Trellis2Retexture): the texturing pipeline needs one role pipeline.json lacks, the shape SC-VAE
+encoder. The same handle resolves ``texturing_pipeline.json`` of its folder (or repo) on first need
+(``ComfyComponents.require_texturing``) and adds only the roles pipeline.json lacks; the texture flows and
+decoder it shares with the image pipeline keep their one patcher each, so nothing is held twice.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -27,9 +38,12 @@ import folder_paths
 from ..trellis2_core.checkpoints import load_model
 from ..trellis2_core.conditioning import DinoV3Conditioner
 from ..trellis2_core.errors import CheckpointError, InputError
+from ..trellis2_core.models.decoder_chunking import chunk_decoder
+from ..trellis2_core.nn.streaming import stream_blocks, streamer_of, unstream
 from ..trellis2_core.pipeline import Trellis2Pipeline, default_dtype
+from ..trellis2_core.pipeline.memory import MemoryPlan, parse_vram_budget, plan_memory
 from ..trellis2_core.pipeline.trellis2 import IMAGE_COND
-from ..trellis2_core.weights import DEFAULT_REPO, PIPELINE_FILE, PipelineFiles, resolve_pipeline
+from ..trellis2_core.weights import DEFAULT_REPO, PIPELINE_FILE, TEXTURING_FILE, ModelFiles, PipelineFiles, resolve_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +132,12 @@ class ComfyComponents:
     """``ComponentSource`` backed by ComfyUI's model management; one per TRELLIS2_MODEL handle."""
 
     def __init__(self, files: PipelineFiles, *, load_device: torch.device, offload_device: torch.device,
-                 dtype: torch.dtype | None, dino_dtype: torch.dtype):  # fmt: skip
+                 dtype: torch.dtype | None, dino_dtype: torch.dtype, plan: MemoryPlan | None = None,
+                 texturing: Callable[[], PipelineFiles] | None = None):  # fmt: skip
         self.files = files
+        self._texturing = texturing  # resolves texturing_pipeline.json (see require_texturing)
+        self._extra_models: dict[str, ModelFiles] = {}
+        self.plan = plan
         self.device = torch.device(load_device)
         self.offload_device = torch.device(offload_device)
         self.dtype = dtype
@@ -127,7 +145,31 @@ class ComfyComponents:
         self._patchers: dict[str, comfy.model_patcher.ModelPatcher] = {}
 
     def has(self, role: str) -> bool:
-        return role in self.files.models or (role == IMAGE_COND and self.files.dinov3_path is not None)
+        return role in self._models() or (role == IMAGE_COND and self.files.dinov3_path is not None)
+
+    def _models(self) -> dict[str, ModelFiles]:
+        return {**self.files.models, **self._extra_models}
+
+    def require_texturing(self, roles: tuple[str, ...] = ("shape_slat_encoder", "tex_slat_decoder")) -> None:
+        """Make the texturing roles usable: resolve texturing_pipeline.json once (files only, no weights read).
+
+        Raises CheckpointError naming the missing file and where to put it.
+        """
+        if all(r in self._models() for r in roles):
+            return
+        if self._texturing is None:
+            raise CheckpointError(f"the pipeline in {self.files.source} has no {TEXTURING_FILE}; texturing needs its roles {list(roles)}")
+        try:
+            tex = self._texturing()
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"retexturing needs the texturing pipeline ({TEXTURING_FILE}: the shape SC-VAE encoder "
+                f"ckpts/shape_enc_next_dc_f16c32_fp16) beside pipeline.json in {self.files.source}; {e}"
+            ) from e
+        self._extra_models.update({r: m for r, m in tex.models.items() if r not in self.files.models})
+        missing = [r for r in roles if r not in self._models()]
+        if missing:
+            raise CheckpointError(f"{tex.config_path} lists no {missing}; expected the official texturing pipeline's roles")
 
     def patcher(self, role: str) -> comfy.model_patcher.ModelPatcher:
         """The role's ModelPatcher, reading the checkpoint on first use (onto the offload device)."""
@@ -143,21 +185,66 @@ class ComfyComponents:
                 raise CheckpointError(f"the pipeline in {self.files.source} has no DINOv3 folder (dinov3/config.json + model.safetensors)")
             log.info("reading DINOv3 from %s", self.files.dinov3_path)
             return DinoV3Conditioner.from_folder(self.files.dinov3_path, device=self.offload_device, dtype=self.dino_dtype).model
-        if role not in self.files.models:
+        models = self._models()
+        if role not in models:
             raise CheckpointError(
                 f"the pipeline in {self.files.source} has no '{role}' model (it has {sorted(self.files.models)}); "
                 "choose a pipeline type whose models the folder contains, or complete the folder"
             )
-        log.info("reading %s from %s", role, self.files.models[role].weights_path)
-        return load_model(self.files.models[role], device=self.offload_device, dtype=self.dtype)
+        log.info("reading %s from %s", role, models[role].weights_path)
+        return load_model(models[role], device=self.offload_device, dtype=self.dtype)
+
+    @property
+    def batched_cfg(self) -> bool:
+        """Whether guided steps may batch both CFG branches (the plan's choice; True without a plan)."""
+        return True if self.plan is None else self.plan.batched_cfg
+
+    def _activation_bytes(self, role: str) -> int:
+        if self.plan is None:
+            return 0
+        return max((s.activation_bytes for s in self.plan.stages if s.role == role), default=0)
 
     @contextlib.contextmanager
     def use(self, role: str) -> Iterator[torch.nn.Module]:
         patcher = self.patcher(role)
-        mm.load_models_gpu([patcher], force_full_load=True)
+        plan = self.plan
+        if plan is not None and plan.stream_blocks and role in plan.stream_roles:
+            with self._streamed(role, patcher.model.module) as module:
+                yield module
+            return
+        mm.load_models_gpu([patcher], memory_required=self._activation_bytes(role), force_full_load=True)
         module = patcher.model.module
-        # The conditioning stage calls .encode on the DINOv3 wrapper; the wrapper holds no state of its own.
-        yield DinoV3Conditioner(module) if role == IMAGE_COND else module
+        if plan is not None and role in plan.decoder_roles:
+            chunk_decoder(module, plan.decoder_chunk_voxels)
+        try:
+            # The conditioning stage calls .encode on the DINOv3 wrapper; the wrapper holds no state of its own.
+            yield DinoV3Conditioner(module) if role == IMAGE_COND else module
+        finally:
+            if plan is not None and plan.policy != "keep":
+                self._unload(patcher)
+
+    @contextlib.contextmanager
+    def _streamed(self, role: str, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """A DiT that stays in CPU memory (ComfyUI keeps it unloaded) with its blocks streamed to the device."""
+        stage = max((s.total_bytes for s in self.plan.stages if s.role == role), default=0)  # streamed weights + activations
+        mm.free_memory(stage, self.device)
+        stream_blocks(module, self.device, prefetch=self.plan.prefetch)
+        try:
+            yield module
+        finally:
+            streamer_of(module).release()
+            unstream(module)
+            module.to(self.offload_device)
+            mm.soft_empty_cache()
+
+    @staticmethod
+    def _unload(patcher: comfy.model_patcher.ModelPatcher) -> None:
+        """Offload one network now (the budget's "offload after each stage"), leaving other models loaded."""
+        for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+            loaded = mm.current_loaded_models[i]
+            if loaded.model is patcher and loaded.model_unload():
+                mm.current_loaded_models.pop(i)
+        mm.soft_empty_cache()
 
     @property
     def loaded_roles(self) -> tuple[str, ...]:
@@ -165,21 +252,35 @@ class ComfyComponents:
         return tuple(self._patchers)
 
 
-def load_pipeline(choice: str, precision: str = "auto", device_policy: str = "auto", allow_download: bool = False) -> Trellis2Pipeline:
+def load_pipeline(choice: str, precision: str = "auto", device_policy: str = "auto", allow_download: bool = False,
+                  vram_budget: str | float | None = "auto") -> Trellis2Pipeline:  # fmt: skip
     """The TRELLIS2_MODEL handle: files resolved now (errors name every missing file), networks read on first use.
 
     choice: a folder name from ``pipeline_choices()`` or DOWNLOAD_CHOICE (official weights into models/trellis2/hf_cache).
     allow_download: for a local folder, fetch parts it lacks (the structure decoder, DINOv3) from Hugging Face.
+    vram_budget: "auto" (the card's memory; nothing on the CPU), "none", or GiB (a number applies on any device).
+    The plan is made for the pipeline's default type (1024_cascade for the official one), the largest it runs.
     """
+    budget = parse_vram_budget(vram_budget)  # bad values fail before any file is resolved
     register_model_folder()
     cache_dir = os.path.join(model_roots()[0], HF_CACHE)
     if choice == DOWNLOAD_CHOICE:
-        files = resolve_pipeline(DEFAULT_REPO, allow_download=True, cache_dir=cache_dir)
+        source, allow_download = DEFAULT_REPO, True
     else:
-        files = resolve_pipeline(_local_folder(choice), allow_download=allow_download, cache_dir=cache_dir)
+        source = _local_folder(choice)
+    files = resolve_pipeline(source, allow_download=allow_download, cache_dir=cache_dir)
+
+    def texturing() -> PipelineFiles:  # resolved only when a texturing node first needs it
+        return resolve_pipeline(source, allow_download=allow_download, cache_dir=cache_dir, config_file=TEXTURING_FILE, dinov3=False)
+
     load_device, offload_device = resolve_devices(device_policy)
     dtype, dino_dtype = resolve_precision(precision, load_device)
-    components = ComfyComponents(files, load_device=load_device, offload_device=offload_device, dtype=dtype, dino_dtype=dino_dtype)
+    plan = None
+    if budget is not None:
+        plan = plan_memory(files, load_device, budget, pipeline_type=files.default_pipeline_type or "1024_cascade", dtype=dtype)
+        plan = plan if plan.budget_bytes is not None else None
+    components = ComfyComponents(files, load_device=load_device, offload_device=offload_device, dtype=dtype,
+                                 dino_dtype=dino_dtype, plan=plan, texturing=texturing)  # fmt: skip
     return Trellis2Pipeline(files, components)
 
 

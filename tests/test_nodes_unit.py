@@ -111,8 +111,9 @@ else:
     def test_every_node_is_prefixed_categorised_and_every_input_has_a_tooltip():
         nodes = _nodes()
         ids = [n.GET_SCHEMA().node_id for n in nodes]
-        assert len(ids) == len(set(ids)) == 11
-        assert {"Trellis2LoadModel", "Trellis2UVBake", "Trellis2ExportGLB", "Trellis2PreviewGLB"} <= set(ids)
+        assert len(ids) == len(set(ids)) == 14
+        assert {"Trellis2LoadModel", "Trellis2UVBake", "Trellis2ExportGLB", "Trellis2PreviewGLB", "Trellis2MultiViewConditioning",
+                "Trellis2LoadMesh", "Trellis2Retexture"} <= set(ids)
         for node in nodes:
             schema = node.GET_SCHEMA()
             assert schema.node_id.startswith("Trellis2") and schema.category == "3d/trellis2", schema.node_id
