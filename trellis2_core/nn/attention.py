@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ...kernels import dit_norm
 from ..errors import ConfigError
 from .norm import MultiHeadRMSNorm
 from .ops import resolve
@@ -155,16 +156,23 @@ class SelfAttention(nn.Module):
         self.qk_rms_norm = qk_rms_norm
         self.to_out = ops.Linear(channels, channels, bias=True, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, phases: torch.Tensor | None = None, varlen: VarLen | None = None) -> torch.Tensor:
-        """x: [B, L, C] or [N, C] (varlen); phases: complex64 [(B,) L, D/2] or [N, D/2] -> same shape as x."""
+    def forward(
+        self, x: torch.Tensor, phases: torch.Tensor | None = None, varlen: VarLen | None = None, *, norm_backend=None
+    ) -> torch.Tensor:
+        """x: [B, L, C] or [N, C] (varlen); phases: complex64 [(B,) L, D/2] or [N, D/2] -> same shape as x.
+
+        norm_backend: ``kernels.dit_norm`` backend of the fused QK-RMSNorm + RoPE (None = its call-time choice)."""
         qkv = self.to_qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))
         q, k, v = qkv.unbind(-3)
+        if self.use_rope and phases is None:
+            raise ValueError("SelfAttention(use_rope=True) needs the RoPE phases of the tokens")
+        ph = phases if self.use_rope else None
         if self.qk_rms_norm:
-            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
-        if self.use_rope:
-            if phases is None:
-                raise ValueError("SelfAttention(use_rope=True) needs the RoPE phases of the tokens")
-            q, k = apply_rope(q, phases), apply_rope(k, phases)
+            qn, kn = self.q_rms_norm, self.k_rms_norm
+            q = dit_norm.rms_norm_rope(q, qn.gamma, ph, scale=qn.scale, backend=norm_backend)
+            k = dit_norm.rms_norm_rope(k, kn.gamma, ph, scale=kn.scale, backend=norm_backend)
+        elif ph is not None:
+            q, k = apply_rope(q, ph), apply_rope(k, ph)
         h = _attend(q, k, v, varlen, kv_per_item=False)
         return self.to_out(h.flatten(-2))
 
@@ -186,11 +194,15 @@ class CrossAttention(nn.Module):
         self.qk_rms_norm = qk_rms_norm
         self.to_out = ops.Linear(channels, channels, bias=True, device=device, dtype=dtype)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, varlen: VarLen | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, varlen: VarLen | None = None, *, norm_backend=None
+    ) -> torch.Tensor:
         """x: [B, L, C] or [N, C] (varlen); context: [B, Lc, Cc] (item b of x attends to context[b] only)."""
         q = self.to_q(x).unflatten(-1, (self.num_heads, self.head_dim))
         k, v = self.to_kv(context).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(-3)
         if self.qk_rms_norm:
-            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+            qn, kn = self.q_rms_norm, self.k_rms_norm
+            q = dit_norm.rms_norm_rope(q, qn.gamma, scale=qn.scale, backend=norm_backend)
+            k = dit_norm.rms_norm_rope(k, kn.gamma, scale=kn.scale, backend=norm_backend)
         h = _attend(q, k, v, varlen, kv_per_item=True)
         return self.to_out(h.flatten(-2))

@@ -7,6 +7,11 @@ and attention takes the token layout (dense [B, L, C] or packed varlen [N, C], s
 Precision (SPEC 3.7): Linear weights in the block dtype (bf16 for the released DiTs); ``modulation``,
 ``norm2`` affine and RMSNorm gammas in float32; activations arrive in the block dtype and every norm, RMSNorm
 and RoPE is computed in float32 and cast back.
+
+Speed (issue 7): the norm epilogues (residual add + LayerNorm + modulation; QK-RMSNorm + RoPE) go through
+``kernels.dit_norm``, which fuses each into one Triton kernel for CUDA bf16/fp16 tensors and otherwise runs the
+plain-torch reference (the same ops as before, so CPU/fp32 results are unchanged). Optionally the whole block
+is run through ``torch.compile`` (see ``compile_blocks``; off unless asked for at call time).
 """
 
 from __future__ import annotations
@@ -14,10 +19,22 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+import contextlib
+import contextvars
+import logging
+import os
+
+from ...kernels import dit_norm
 from .attention import CrossAttention, SelfAttention, VarLen, per_token
-from .modulation import block_parameter, modulate, split_modulation
+from .modulation import block_parameter, split_modulation
 from .norm import layer_norm_32
 from .ops import resolve
+
+logger = logging.getLogger(__name__)
+
+COMPILE_ENV_VAR = "TRELLIS2_DIT_COMPILE"
+_COMPILE = contextvars.ContextVar("trellis2_dit_compile", default=None)
+_compiled: dict[str, object] = {}
 
 
 class FeedForward(nn.Module):
@@ -86,11 +103,67 @@ class ModulatedTransformerCrossBlock(nn.Module):
         phases:  RoPE phases complex64 broadcastable to the tokens ([L, D/2], [B, L, D/2] or [N, D/2]).
         ->       same shape and dtype as x.
         """
+        if varlen is None and x.is_cuda and _compile_mode() is not None:
+            fn = _compiled_block(_compile_mode())
+            if fn is not None:
+                return fn(self, x, mod, context, phases, "torch")
+        return self._forward(x, mod, context, phases, varlen, None)
+
+    def _forward(self, x, mod, context, phases, varlen, norm_backend):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = split_modulation(
             self.modulation, mod, lambda v: per_token(v, varlen)
         )
-        h = modulate(layer_norm_32(x), shift_msa, scale_msa)
-        x = x + self.self_attn(h, phases, varlen) * gate_msa
-        x = x + self.cross_attn(layer_norm_32(x, self.norm2), context, varlen)
-        h = modulate(layer_norm_32(x), shift_mlp, scale_mlp)
-        return x + self.mlp(h) * gate_mlp
+        rn = dit_norm.residual_norm
+        _, h = rn(x, shift=shift_msa, scale=scale_msa, backend=norm_backend)
+        y = self.self_attn(h, phases, varlen, norm_backend=norm_backend)
+        n2 = self.norm2
+        if type(n2).forward is nn.LayerNorm.forward and n2.weight is not None and n2.weight.dtype == torch.float32:
+            x, h = rn(x, y, gate_msa, weight=n2.weight, bias=n2.bias, eps=n2.eps, backend=norm_backend)
+        else:  # injected casting ops (ComfyUI): let the module apply its own weights
+            x, _ = rn(x, y, gate_msa, norm=False, backend=norm_backend)
+            h = layer_norm_32(x, n2)
+        y = self.cross_attn(h, context, varlen, norm_backend=norm_backend)
+        x, h = rn(x, y, shift=shift_mlp, scale=scale_mlp, backend=norm_backend)
+        x, _ = rn(x, self.mlp(h), gate_mlp, norm=False, backend=norm_backend)
+        return x
+
+
+def _run_block(block, x, mod, context, phases, norm_backend):
+    return block._forward(x, mod, context, phases, None, norm_backend)
+
+
+@contextlib.contextmanager
+def compile_blocks(mode: str | None = "default"):
+    """Run the DiT blocks through ``torch.compile`` inside this context (CUDA, dense token layouts only).
+
+    mode: a ``torch.compile`` mode ("default", "max-autotune-no-cudagraphs", ...) or None to turn it off.
+    Outside any context the environment variable ``TRELLIS2_DIT_COMPILE`` (read on every call; "1" means
+    "default", any other non-empty value is the mode, "0"/"" off) decides. Compilation that fails is logged once
+    and the block falls back to eager (with the fused Triton norms).
+    """
+    token = _COMPILE.set(mode or "off")
+    try:
+        yield
+    finally:
+        _COMPILE.reset(token)
+
+
+def _compile_mode() -> str | None:
+    mode = _COMPILE.get()
+    if mode is None:
+        mode = os.environ.get(COMPILE_ENV_VAR, "").strip()
+        mode = {"1": "default", "0": "", "off": ""}.get(mode.lower(), mode)
+    return None if mode in ("", "off") else mode
+
+
+def _compiled_block(mode: str):
+    """The compiled block function for ``mode`` (built on first use), or None when compile is unavailable."""
+    if mode not in _compiled:
+        try:
+            import torch._dynamo  # noqa: F401  (import errors mean no compile support here)
+
+            _compiled[mode] = torch.compile(_run_block, mode=mode, dynamic=False)
+        except Exception as e:  # any failure to set up compile -> eager; logged, never silent
+            logger.warning("torch.compile of the DiT blocks unavailable (%s); running eager", e)
+            _compiled[mode] = None
+    return _compiled[mode]

@@ -1,0 +1,153 @@
+"""DiT norm epilogues (residual + LayerNorm + AdaLN modulation; QK-RMSNorm + RoPE), backend chosen at call time.
+
+``reference`` is plain torch (the CPU/MPS path, the float32 path and the ground truth); ``triton`` fuses each
+epilogue into one kernel for CUDA tensors. Same rounding points (see reference.py).
+
+Backend order (STYLE.md item 6), resolved on every call, never at import:
+  1. the ``backend=`` argument;
+  2. the innermost ``use_backend(...)`` context;
+  3. the environment variable ``TRELLIS2_DIT_NORM_BACKEND`` (read at call time);
+  4. "auto": triton for CUDA bf16/fp16 tensors when triton imports and the layout is one the kernel takes,
+     else the reference (quietly). float32 stays on the reference in auto mode (the goldens' path).
+Values: "auto", "torch" (alias "reference"), "triton". An explicit "triton" that cannot run (no triton, not CUDA,
+a layout the kernel does not take) raises ``BackendUnavailableError`` saying what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import threading
+from typing import Iterator
+
+import torch
+
+from . import reference
+
+ENV_VAR = "TRELLIS2_DIT_NORM_BACKEND"
+BACKENDS = ("auto", "torch", "reference", "triton")
+_HALF = (torch.float16, torch.bfloat16)
+
+_local = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here (missing package, wrong device or layout)."""
+
+
+def _normalise(name: str, where: str) -> str:
+    value = str(name).strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"{where}: DiT-norm backend must be one of {list(BACKENDS)}; got {name!r}")
+    return "torch" if value == "reference" else value
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Within this block, calls without ``backend=`` use ``name`` (thread-local, nestable)."""
+    value = _normalise(name, "use_backend(name)")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(value)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend name in force for a call: argument > context > env var > "auto" (not yet resolved)."""
+    if backend is not None:
+        return _normalise(backend, "backend argument")
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        return _normalise(env, f"environment variable {ENV_VAR}")
+    return "auto"
+
+
+def _triton_module(required: bool):
+    try:
+        return importlib.import_module(".triton", __name__)
+    except ImportError as exc:
+        if required:
+            raise BackendUnavailableError(
+                f"DiT-norm backend 'triton' was requested but triton cannot be imported ({exc}); install the "
+                f"'cuda' extra (pip install triton) or choose backend 'torch' / unset {ENV_VAR}"
+            ) from exc
+        return None
+
+
+def _pick(x: torch.Tensor, backend: str | None, supported: str, *args, **kwargs):
+    """The triton module if this call should run there, else None (reference)."""
+    name = requested_backend(backend)
+    if name == "torch":
+        return None
+    if name == "auto" and (x.device.type != "cuda" or x.dtype not in _HALF):
+        return None
+    if name == "triton" and x.device.type != "cuda":
+        raise BackendUnavailableError(
+            f"DiT-norm backend 'triton' needs CUDA tensors; got tensors on '{x.device}'. Move them to a CUDA "
+            f"device or choose backend 'torch' (the CPU/MPS path)"
+        )
+    mod = _triton_module(required=name == "triton")
+    if mod is None:
+        return None
+    if not getattr(mod, supported)(x, *args, **kwargs):
+        if name == "triton":
+            raise BackendUnavailableError(
+                f"DiT-norm backend 'triton' does not take this layout (x {tuple(x.shape)} strides {x.stride()} "
+                f"{x.dtype}); choose backend 'auto' or 'torch'"
+            )
+        return None
+    return mod
+
+
+def residual_norm(
+    x: torch.Tensor,
+    y: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    *,
+    norm: bool = True,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x + y*gate`` then ``LN(.)[*w+b][*(1+scale)+shift]``; see ``reference.residual_norm`` for shapes."""
+    vecs = dict(weight=weight, bias=bias, shift=shift, scale=scale)
+    mod = _pick(x, backend, "supported_residual_norm", y, gate, **vecs)
+    impl = reference if mod is None else mod
+    return impl.residual_norm(x, y, gate, norm=norm, eps=eps, **vecs)
+
+
+def rms_norm_rope(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    phases: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-head RMSNorm (``F.normalize * gamma * sqrt(D)``) then optional RoPE; see ``reference.rms_norm_rope``."""
+    mod = _pick(x, backend, "supported_rms_norm_rope", gamma, phases)
+    impl = reference if mod is None else mod
+    return impl.rms_norm_rope(x, gamma, phases, scale=scale)
+
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "reference",
+    "requested_backend",
+    "residual_norm",
+    "rms_norm_rope",
+    "use_backend",
+]

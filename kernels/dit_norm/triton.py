@@ -1,0 +1,245 @@
+"""Triton kernels of the DiT norm epilogues (the CUDA fast path); same functions as ``reference.py``.
+
+Why: in the reference op sequence each block spends ~50 small elementwise/cast/reduce launches per forward on
+LayerNorm (fp32 copy, norm, cast back), modulation (``1 + scale``, multiply, add), gated residuals and the
+QK-RMSNorm + RoPE (fp32 copies, norm, divide, gamma, complex multiply, casts). Each kernel here reads its
+inputs once and writes its outputs once, one program per token row:
+
+``residual_norm``  x_new = x + y*gate ; h = LN(x_new) [* w + b] ; h = h*(1+scale) + shift
+``rms_norm_rope``  h = normalize(x[head]) * gamma * sqrt(D) ; h = rotate(h, phase[token]) (interleaved pairs)
+
+Rounding: every place where the reference rounds to the activation dtype (after ``y*gate``, after the add,
+after the fp32 LayerNorm, after ``1+scale``, after the product, after the shift; after the RMSNorm, after the
+RoPE) rounds here too (``_round`` says why with integer ops), so half-precision results match the reference to
+the last bit except where the fp32 reductions (LN mean/variance, the head norm) differ in summation order:
+measured on an H100 at [2, 4096, 1536], 0.00% (bf16) and 0.01-0.02% (fp16) of the values differ, by one ulp.
+Importing this module imports triton.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _round(x, RND: tl.constexpr, BITS: tl.constexpr):
+    """float32 x rounded (nearest even) to the activation dtype and widened back: RND 0 fp32 (identity), 1 bf16,
+    2 fp16. BITS does it with integer ops on the float32 bits. Why: with plain casts, a ``.to(bf16).to(fp32)``
+    pair between a multiply and the following add did not survive compilation (H100, triton 3.6): the pair
+    became one FMA and 23-26% of the outputs of ``h*(1+s)+t`` and ``x+y*g`` were one ulp off the reference
+    (bench/dit_fused.py --diag; 0.00% with BITS). For fp16 the bit rounding is exact for normal fp16 values
+    (|x| >= 2^-14); smaller intermediates keep extra bits (error < 6e-8); the stored result is a true fp16."""
+    if RND == 0:
+        return x
+    elif BITS:
+        u = x.to(tl.uint32, bitcast=True)
+        if RND == 1:
+            u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+        else:
+            u = (u + 0xFFF + ((u >> 13) & 1)) & 0xFFFFE000
+        return u.to(tl.float32, bitcast=True)
+    elif RND == 1:
+        return x.to(tl.bfloat16).to(tl.float32)
+    else:
+        return x.to(tl.float16).to(tl.float32)
+
+
+@triton.jit
+def _residual_norm_kernel(
+    x_ptr, y_ptr, g_ptr, w_ptr, b_ptr, sh_ptr, sc_ptr, xo_ptr, ho_ptr,
+    C, x_rs, y_rs, xo_rs, ho_rs,
+    g_rpi, g_is, sh_rpi, sh_is, sc_rpi, sc_is,
+    eps,
+    HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr, WRITE_X: tl.constexpr, NORM: tl.constexpr,
+    AFFINE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_C: tl.constexpr,
+    RND: tl.constexpr, BITS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(x_ptr + row * x_rs + cols, mask=mask, other=0.0)
+    dt = x.dtype
+    if HAS_Y:
+        y = tl.load(y_ptr + row * y_rs + cols, mask=mask, other=0.0)
+        if HAS_GATE:
+            g = tl.load(g_ptr + (row // g_rpi) * g_is + cols, mask=mask, other=0.0)
+            y = _round(y.to(tl.float32) * g.to(tl.float32), RND, BITS)
+        x = _round(x.to(tl.float32) + y.to(tl.float32), RND, BITS).to(dt)
+        if WRITE_X:
+            tl.store(xo_ptr + row * xo_rs + cols, x, mask=mask)
+    if NORM:
+        xf = x.to(tl.float32)
+        mean = tl.sum(xf, axis=0) / C
+        d = tl.where(mask, xf - mean, 0.0)
+        var = tl.sum(d * d, axis=0) / C
+        h = d * tl.math.rsqrt(var + eps)
+        if AFFINE:
+            w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+            b = tl.load(b_ptr + cols, mask=mask, other=0.0)
+            h = h * w + b
+        h = _round(h, RND, BITS)
+        if HAS_SCALE:
+            s = tl.load(sc_ptr + (row // sc_rpi) * sc_is + cols, mask=mask, other=0.0).to(tl.float32)
+            h = _round(h * _round(1.0 + s, RND, BITS), RND, BITS)
+        if HAS_SHIFT:
+            t = tl.load(sh_ptr + (row // sh_rpi) * sh_is + cols, mask=mask, other=0.0).to(tl.float32)
+            h = _round(h + t, RND, BITS)
+        tl.store(ho_ptr + row * ho_rs + cols, h.to(dt), mask=mask)
+
+
+def _row_stride(t: torch.Tensor, trailing: int) -> int:
+    """Stride between rows of t viewed as [M, *t.shape[-trailing:]]; raises ValueError if the leading dims do not
+    collapse to one uniform stride (size-1 dims are free)."""
+    dims = [(n, s) for n, s in zip(t.shape[:-trailing], t.stride()[:-trailing]) if n > 1]
+    for (_, s_out), (n_in, s_in) in zip(dims[:-1], dims[1:]):
+        if s_out != s_in * n_in:
+            raise ValueError("leading dims do not collapse")
+    return dims[-1][1] if dims else t.shape[-trailing:].numel()
+
+
+def _rows(t: torch.Tensor) -> int:
+    """Row stride of t viewed as [M, C] (last dim contiguous)."""
+    if t.stride(-1) != 1:
+        raise ValueError("last dim must be contiguous")
+    return _row_stride(t, 1)
+
+
+def _vector(v: torch.Tensor | None, x: torch.Tensor) -> tuple[int, int]:
+    """(rows per item, item stride) of a broadcast vector: [B, 1, C] against x [B, L, C], or [M, C] per row."""
+    if v is None:
+        return 1, 0
+    if v.stride(-1) != 1 or v.shape[-1] != x.shape[-1]:
+        raise ValueError("vector must be [..., C] with contiguous channels")
+    if v.dim() == x.dim() == 3 and v.shape[1] == 1 and v.shape[0] in (1, x.shape[0]):
+        return x.shape[1], (v.stride(0) if v.shape[0] > 1 else 0)
+    if v.dim() == 2 and x.dim() == 2 and v.shape[0] == x.shape[0]:
+        return 1, v.stride(0)
+    raise ValueError(f"unsupported broadcast {tuple(v.shape)} against {tuple(x.shape)}")
+
+
+def supported_residual_norm(x, y=None, gate=None, *, weight=None, bias=None, shift=None, scale=None) -> bool:
+    """Whether the kernel takes these layouts (else the dispatcher runs the reference)."""
+    try:
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.dim() not in (2, 3):
+            return False
+        for t in (x, y):
+            if t is not None:
+                _rows(t)
+        if y is not None and (y.shape != x.shape or y.dtype != x.dtype):
+            return False
+        for v in (gate, shift, scale):
+            if v is not None and v.dtype != x.dtype:
+                return False
+            _vector(v, x)
+        if (weight is None) != (bias is None):
+            return False
+        for p in (weight, bias):
+            if p is not None and (p.dtype != torch.float32 or p.shape != x.shape[-1:] or not p.is_contiguous()):
+                return False
+        return x.shape[-1] <= 16384
+    except ValueError:
+        return False
+
+
+ROUND_BITS = True  # see _round; False = plain dtype casts (only for bench/dit_fused.py --diag)
+_RND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def residual_norm(x, y=None, gate=None, *, norm=True, weight=None, bias=None, shift=None, scale=None, eps=1e-6):
+    """See ``reference.residual_norm``; call ``supported_residual_norm`` first."""
+    c = x.shape[-1]
+    m = x.numel() // c
+    h = torch.empty(x.shape, device=x.device, dtype=x.dtype) if norm else None
+    x_new = torch.empty(x.shape, device=x.device, dtype=x.dtype) if y is not None else x
+    if m == 0:
+        return x_new, h
+    (g_rpi, g_is), (sh_rpi, sh_is), (sc_rpi, sc_is) = (_vector(v, x) for v in (gate, shift, scale))
+    block = triton.next_power_of_2(c)
+    warps = 8 if block >= 4096 else 4 if block >= 1024 else 2
+    dummy = x
+    _residual_norm_kernel[(m,)](
+        x, y if y is not None else dummy, gate if gate is not None else dummy,
+        weight if weight is not None else dummy, bias if bias is not None else dummy,
+        shift if shift is not None else dummy, scale if scale is not None else dummy,
+        x_new, h if h is not None else dummy,
+        c, _rows(x), _rows(y) if y is not None else 0, c, c,
+        g_rpi, g_is, sh_rpi, sh_is, sc_rpi, sc_is, float(eps),
+        HAS_Y=y is not None, HAS_GATE=gate is not None, WRITE_X=y is not None, NORM=norm,
+        AFFINE=weight is not None, HAS_SHIFT=shift is not None, HAS_SCALE=scale is not None,
+        BLOCK_C=block, RND=_RND[x.dtype], BITS=ROUND_BITS, num_warps=warps,
+    )  # fmt: skip
+    return x_new, h
+
+
+@triton.jit
+def _rms_norm_rope_kernel(
+    x_ptr, g_ptr, p_ptr, o_ptr, H, D2, x_rs, P, scale,
+    ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D2: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    hh = tl.arange(0, BLOCK_H)[:, None]
+    jj = tl.arange(0, BLOCK_D2)[None, :]
+    mask = (hh < H) & (jj < D2)
+    off = hh * (2 * D2) + 2 * jj  # even element of pair j of head h
+    xe = tl.load(x_ptr + row * x_rs + off, mask=mask, other=0.0)
+    xo = tl.load(x_ptr + row * x_rs + off + 1, mask=mask, other=0.0)
+    dt = xe.dtype
+    ef, of = xe.to(tl.float32), xo.to(tl.float32)
+    nrm = tl.sqrt_rn(tl.sum(ef * ef + of * of, axis=1))[:, None]
+    nrm = tl.maximum(nrm, 1e-12)
+    ge = tl.load(g_ptr + off, mask=mask, other=0.0)
+    go = tl.load(g_ptr + off + 1, mask=mask, other=0.0)
+    he = (tl.math.div_rn(ef, nrm) * ge * scale).to(dt)
+    ho = (tl.math.div_rn(of, nrm) * go * scale).to(dt)
+    if ROPE:
+        prow = row % P
+        c = tl.load(p_ptr + prow * (2 * D2) + 2 * jj, mask=jj < D2, other=1.0)
+        s = tl.load(p_ptr + prow * (2 * D2) + 2 * jj + 1, mask=jj < D2, other=0.0)
+        a, b = he.to(tl.float32), ho.to(tl.float32)
+        he = (a * c - b * s).to(dt)
+        ho = (a * s + b * c).to(dt)
+    obase = o_ptr + row * (H * 2 * D2)
+    tl.store(obase + off, he, mask=mask)
+    tl.store(obase + off + 1, ho, mask=mask)
+
+
+def supported_rms_norm_rope(x, gamma, phases=None) -> bool:
+    try:
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.dim() < 3 or x.shape[-1] % 2:
+            return False
+        h, d = x.shape[-2:]
+        if x.stride(-1) != 1 or x.stride(-2) != d:
+            return False
+        lead = x.shape[:-2]
+        _row_stride(x, 2)
+        if gamma.dtype != torch.float32 or gamma.shape != (h, d) or not gamma.is_contiguous():
+            return False
+        if phases is not None:
+            if phases.dtype != torch.complex64 or not phases.is_contiguous() or phases.shape[-1] != d // 2:
+                return False
+            pl = phases.shape[:-1]
+            if len(pl) > len(lead) or tuple(lead[len(lead) - len(pl) :]) != tuple(pl):
+                return False
+        return h * d <= 65536
+    except (ValueError, RuntimeError):
+        return False
+
+
+def rms_norm_rope(x, gamma, phases=None, *, scale=None):
+    """See ``reference.rms_norm_rope``; call ``supported_rms_norm_rope`` first. Output is contiguous."""
+    h, d = x.shape[-2:]
+    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    m = x.numel() // (h * d)
+    if m == 0:
+        return out
+    x_rs = _row_stride(x, 2)
+    p = torch.view_as_real(phases) if phases is not None else gamma
+    n_p = phases.numel() // (d // 2) if phases is not None else 1
+    _rms_norm_rope_kernel[(m,)](
+        x, gamma, p, out, h, d // 2, x_rs, n_p, float(d**0.5 if scale is None else scale),
+        ROPE=phases is not None, BLOCK_H=triton.next_power_of_2(h), BLOCK_D2=triton.next_power_of_2(d // 2),
+        num_warps=4,
+    )  # fmt: skip
+    return out

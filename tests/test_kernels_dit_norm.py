@@ -1,0 +1,175 @@
+"""DiT norm epilogues: reference == the blocks' original op sequence (CPU), dispatcher rules (CPU), and the
+Triton kernels against the reference over awkward sizes and every dtype (CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trellis2.kernels import dit_norm
+from trellis2.kernels.dit_norm import BackendUnavailableError, reference
+from trellis2.trellis2_core.nn import transformer
+from trellis2.trellis2_core.nn.modulation import modulate
+from trellis2.trellis2_core.nn.norm import MultiHeadRMSNorm, layer_norm_32
+from trellis2.trellis2_core.nn.rope import apply_rope, rope_phases
+
+# Relative-norm tolerance, Triton vs reference: fp32 differs only in reduction order; half types round at the
+# same points, so only an fp32 LN/RMS statistic landing on the other side of a rounding boundary moves a value.
+TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+MISMATCH = {torch.float32: 1.0, torch.float16: 0.02, torch.bfloat16: 0.02}  # max fraction of non-identical values
+
+
+def _mod(b, c, dtype, device="cpu", g=None):
+    return torch.randn(b, 6 * c, generator=g).to(device, dtype).unsqueeze(1).chunk(6, dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------ reference (CPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_is_the_blocks_op_sequence_bit_exact(dtype):
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(2, 9, 48, generator=g).to(dtype) for _ in range(2))
+    shift, scale, gate = _mod(2, 48, dtype, g=g)[:3]
+    ln = torch.nn.LayerNorm(48, eps=1e-6)
+    with torch.no_grad():
+        ln.weight.normal_(generator=g), ln.bias.normal_(generator=g)
+        _, h = reference.residual_norm(x, shift=shift, scale=scale)
+        assert torch.equal(h, modulate(layer_norm_32(x), shift, scale))
+        xn, h = reference.residual_norm(x, y, gate, weight=ln.weight, bias=ln.bias, eps=ln.eps)
+        assert torch.equal(xn, x + y * gate) and torch.equal(h, layer_norm_32(x + y * gate, ln))
+        xn, h = reference.residual_norm(x, y, norm=False)
+        assert torch.equal(xn, x + y) and h is None
+        q = torch.randn(2, 9, 3, 4, 12, generator=g).to(dtype).unbind(-3)[0]  # strided view out of a fused qkv
+        rms = MultiHeadRMSNorm(12, 4)
+        rms.gamma.normal_(generator=g)
+        ph = rope_phases(torch.randint(0, 30, (2, 9, 3), generator=g), 12)
+        assert torch.equal(reference.rms_norm_rope(q, rms.gamma, ph), apply_rope(rms(q), ph))
+        assert torch.equal(reference.rms_norm_rope(q, rms.gamma), rms(q))
+
+
+def test_block_with_injected_casting_layernorm_matches_plain_block():
+    """ComfyUI-style ops whose LayerNorm overrides forward: the block lets the module apply its own weights."""
+
+    class CastLN(torch.nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x)
+
+    ops = type("Ops", (), {"Linear": torch.nn.Linear, "Conv3d": torch.nn.Conv3d, "LayerNorm": CastLN})
+    torch.manual_seed(0)
+    plain = transformer.ModulatedTransformerCrossBlock(48, 16, 2, 2.0)
+    cast = transformer.ModulatedTransformerCrossBlock(48, 16, 2, 2.0, ops=ops)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_()
+        cast.load_state_dict(plain.state_dict())
+        ph = rope_phases(torch.randint(0, 9, (7, 3)), 24)
+        x, mod, ctx = torch.randn(1, 7, 48), torch.randn(1, 6 * 48), torch.randn(1, 3, 16)
+        assert torch.equal(cast(x, mod, ctx, ph), plain(x, mod, ctx, ph))
+
+
+# ------------------------------------------------------------------------------------------------ dispatcher (CPU)
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv(dit_norm.ENV_VAR, raising=False)
+    monkeypatch.delenv(transformer.COMPILE_ENV_VAR, raising=False)
+    return monkeypatch
+
+
+def test_backend_order_argument_context_env(clean_env):
+    assert dit_norm.requested_backend() == "auto"
+    clean_env.setenv(dit_norm.ENV_VAR, "Triton")
+    assert dit_norm.requested_backend() == "triton"  # read at call time
+    with dit_norm.use_backend("reference"):
+        assert dit_norm.requested_backend() == "torch"
+        assert dit_norm.requested_backend("auto") == "auto"
+    clean_env.setenv(dit_norm.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="TRELLIS2_DIT_NORM_BACKEND.*'fast'"):
+        dit_norm.requested_backend()
+    with pytest.raises(ValueError, match="backend argument"):
+        dit_norm.requested_backend("cuda")
+
+
+def test_auto_on_cpu_runs_reference_and_explicit_triton_raises(clean_env):
+    x = torch.randn(3, 5, 16, dtype=torch.bfloat16)
+    shift, scale = _mod(3, 16, torch.bfloat16)[:2]
+    assert torch.equal(dit_norm.residual_norm(x, shift=shift, scale=scale)[1],
+                       reference.residual_norm(x, shift=shift, scale=scale)[1])  # fmt: skip
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        dit_norm.residual_norm(x, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        dit_norm.rms_norm_rope(x.view(3, 5, 2, 8), torch.ones(2, 8), backend="triton")
+
+
+def test_compile_switch_is_read_at_call_time(clean_env):
+    assert transformer._compile_mode() is None
+    clean_env.setenv(transformer.COMPILE_ENV_VAR, "1")
+    assert transformer._compile_mode() == "default"
+    with transformer.compile_blocks(None):
+        assert transformer._compile_mode() is None
+    with transformer.compile_blocks("max-autotune-no-cudagraphs"):
+        assert transformer._compile_mode() == "max-autotune-no-cudagraphs"
+    clean_env.setenv(transformer.COMPILE_ENV_VAR, "0")
+    assert transformer._compile_mode() is None
+
+
+# ------------------------------------------------------------------------------------------------ parity (CUDA)
+def _check(out, ref, dtype, what):
+    assert out.shape == ref.shape and out.dtype == ref.dtype, what
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (unwritten?)"
+    err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+    frac = (out != ref).float().mean().item()
+    assert err <= TOL[dtype] and frac <= MISMATCH[dtype], f"{what}: rel err {err:.2e}, {frac:.2%} values differ"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 48), (2, 37, 48), (1, 300, 1536), (3, 17, 1000), (0, 5, 64)])
+def test_residual_norm_triton_matches_reference(dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    b, n, c = shape
+    x, y = (torch.randn(b, n, c, generator=g).cuda().to(dtype) for _ in range(2))
+    shift, scale, gate = _mod(max(b, 1), c, dtype, "cuda", g)[:3]
+    shift, scale, gate = shift[:b], scale[:b], gate[:b]
+    w, bias = torch.randn(c, generator=g).cuda(), torch.randn(c, generator=g).cuda()
+    cases = [dict(shift=shift, scale=scale), dict(weight=w, bias=bias), dict()]
+    for kw in cases:
+        for yy, gg in ((None, None), (y, None), (y, gate)):
+            for norm in (True, False):
+                want = reference.residual_norm(x, yy, gg, norm=norm, **kw)
+                got = dit_norm.residual_norm(x, yy, gg, norm=norm, backend="triton", **kw)
+                if b * n:
+                    _check(got[0], want[0], dtype, f"x_new {kw.keys()} y={yy is not None} gate={gg is not None}")
+                    if norm:
+                        _check(got[1], want[1], dtype, f"h {kw.keys()} y={yy is not None} gate={gg is not None}")
+    # packed tokens: per-token vectors [N, C] (strided views of [N, 6C])
+    xv, yv = x.reshape(-1, c), y.reshape(-1, c)
+    vec = torch.randn(xv.shape[0], 6 * c, generator=g).cuda().to(dtype).chunk(6, dim=-1)
+    want = reference.residual_norm(xv, yv, vec[2], shift=vec[0], scale=vec[1])
+    got = dit_norm.residual_norm(xv, yv, vec[2], shift=vec[0], scale=vec[1], backend="triton")
+    if b * n:
+        _check(got[1], want[1], dtype, "varlen h")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,n,h,d", [(1, 1, 2, 24), (2, 37, 2, 24), (1, 300, 12, 128), (2, 64, 16, 64), (1, 5, 3, 10)])
+def test_rms_norm_rope_triton_matches_reference(dtype, b, n, h, d):
+    g = torch.Generator().manual_seed(b * n + h + d)
+    qkv = (torch.randn(b, n, 3, h, d, generator=g) * 3).cuda().to(dtype)
+    q = qkv.unbind(-3)[0]
+    gamma = (torch.rand(h, d, generator=g) + 0.5).cuda()
+    ph = rope_phases(torch.randint(0, 64, (b, n, 3), generator=g), d).cuda()
+    cases = ((q, None), (q, ph), (q, ph[0]), (q.reshape(b * n, h, d), ph.reshape(b * n, -1)))  # last: packed
+    for x, phases in cases:  # ph[0]: [L, D/2] phases shared by the batch (the dense SS model)
+        want = reference.rms_norm_rope(x, gamma, phases)
+        got = dit_norm.rms_norm_rope(x, gamma, phases, backend="triton")
+        assert got.is_contiguous()
+        _check(got, want, dtype, f"phases {None if phases is None else tuple(phases.shape)}")
+
+
+@pytest.mark.cuda
+def test_triton_rejects_layouts_it_does_not_take():
+    x = torch.randn(4, 6, 16, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(BackendUnavailableError, match="does not take this layout"):
+        dit_norm.residual_norm(x.transpose(1, 2), backend="triton")  # channels not contiguous
+    auto = dit_norm.residual_norm(x.transpose(1, 2))[1]  # auto quietly runs the reference
+    assert torch.equal(auto, reference.residual_norm(x.transpose(1, 2))[1])
