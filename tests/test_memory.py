@@ -379,3 +379,22 @@ def test_offload_on_cuda_keeps_a_pinned_copy_and_gives_the_same_result():
     with comps.use("m") as m:
         assert all(p.device.type == "cuda" for p in m.parameters())
         assert torch.equal(m(x), first)
+
+
+def test_offload_of_a_component_that_is_not_a_module_uses_its_own_to():
+    """The DINOv3 conditioner wraps a module; offloading it must not assume nn.Module (CLI default policy)."""
+    from trellis2.trellis2_core.pipeline.components import Components
+
+    class Wrapper:  # like DinoV3Conditioner: has .to, is not an nn.Module
+        def __init__(self):
+            self.moves = []
+
+        def to(self, device=None, dtype=None):
+            self.moves.append(torch.device(device))
+            return self
+
+    w = Wrapper()
+    comps = Components({"image_cond_model": lambda: w}, "cuda", policy="offload")  # no CUDA needed: nothing runs on it
+    with comps.use("image_cond_model") as got:
+        assert got is w
+    assert w.moves == [torch.device("cpu")]

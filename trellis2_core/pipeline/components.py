@@ -135,7 +135,8 @@ class Components:
             torch.cuda.empty_cache()
 
     def _offload(self, role: str, model: torch.nn.Module) -> None:
-        if self.device.type != "cuda" or self.offload_device.type != "cpu":
+        # Components that only wrap a module (the DINOv3 conditioner) move with their own .to().
+        if self.device.type != "cuda" or self.offload_device.type != "cpu" or not isinstance(model, torch.nn.Module):
             model.to(self.offload_device)
             return
         store = self._pinned.get(role)
