@@ -15,71 +15,18 @@ a layout the kernel does not take) raises ``BackendUnavailableError`` saying wha
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
-import threading
-from typing import Iterator
-
 import torch
 
+from .._backend import BACKENDS, BackendSwitch, BackendUnavailableError
 from . import reference
 
 ENV_VAR = "TRELLIS2_DIT_NORM_BACKEND"
-BACKENDS = ("auto", "torch", "reference", "triton")
 _HALF = (torch.float16, torch.bfloat16)
 
-_local = threading.local()
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run here (missing package, wrong device or layout)."""
-
-
-def _normalise(name: str, where: str) -> str:
-    value = str(name).strip().lower()
-    if value not in BACKENDS:
-        raise ValueError(f"{where}: DiT-norm backend must be one of {list(BACKENDS)}; got {name!r}")
-    return "torch" if value == "reference" else value
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Within this block, calls without ``backend=`` use ``name`` (thread-local, nestable)."""
-    value = _normalise(name, "use_backend(name)")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(value)
-    try:
-        yield
-    finally:
-        stack.pop()
-
-
-def requested_backend(backend: str | None = None) -> str:
-    """The backend name in force for a call: argument > context > env var > "auto" (not yet resolved)."""
-    if backend is not None:
-        return _normalise(backend, "backend argument")
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env:
-        return _normalise(env, f"environment variable {ENV_VAR}")
-    return "auto"
-
-
-def _triton_module(required: bool):
-    try:
-        return importlib.import_module(".triton", __name__)
-    except ImportError as exc:
-        if required:
-            raise BackendUnavailableError(
-                f"DiT-norm backend 'triton' was requested but triton cannot be imported ({exc}); install the "
-                f"'cuda' extra (pip install triton) or choose backend 'torch' / unset {ENV_VAR}"
-            ) from exc
-        return None
+_switch = BackendSwitch("DiT-norm", ENV_VAR, __name__)
+use_backend = _switch.use
+requested_backend = _switch.requested
+_triton_module = _switch.triton_module
 
 
 def _pick(x: torch.Tensor, backend: str | None, supported: str, *args, **kwargs):
@@ -90,10 +37,7 @@ def _pick(x: torch.Tensor, backend: str | None, supported: str, *args, **kwargs)
     if name == "auto" and (x.device.type != "cuda" or x.dtype not in _HALF):
         return None
     if name == "triton" and x.device.type != "cuda":
-        raise BackendUnavailableError(
-            f"DiT-norm backend 'triton' needs CUDA tensors; got tensors on '{x.device}'. Move them to a CUDA "
-            f"device or choose backend 'torch' (the CPU/MPS path)"
-        )
+        raise _switch.needs_cuda(x.device)
     mod = _triton_module(required=name == "triton")
     if mod is None:
         return None

@@ -14,72 +14,18 @@ Values: "auto", "torch" (alias "reference"), "triton". An explicit "triton" that
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
-import threading
-from typing import Iterator
-
 import torch
 
+from .._backend import BACKENDS, BackendSwitch, BackendUnavailableError
 from . import reference
 from .reference import build_neighbours
 
 ENV_VAR = "TRELLIS2_SPCONV_BACKEND"
-BACKENDS = ("auto", "torch", "reference", "triton")
 
-_local = threading.local()
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run here (missing package or wrong device)."""
-
-
-def _normalise(name: str, where: str) -> str:
-    value = name.strip().lower()
-    if value not in BACKENDS:
-        raise ValueError(f"{where}: sparse-conv backend must be one of {list(BACKENDS)}; got {name!r}")
-    return "torch" if value == "reference" else value
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Within this block, ``submanifold_conv3d`` calls without ``backend=`` use ``name`` (thread-local, nestable)."""
-    value = _normalise(name, "use_backend(name)")
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(value)
-    try:
-        yield
-    finally:
-        stack.pop()
-
-
-def requested_backend(backend: str | None = None) -> str:
-    """The backend name in force for a call: argument > context > env var > "auto" (not yet resolved)."""
-    if backend is not None:
-        return _normalise(backend, "backend argument")
-    stack = getattr(_local, "stack", None)
-    if stack:
-        return stack[-1]
-    env = os.environ.get(ENV_VAR, "").strip()
-    if env:
-        return _normalise(env, f"environment variable {ENV_VAR}")
-    return "auto"
-
-
-def _triton_module(required: bool):
-    """The triton kernel module, or None (auto) / BackendUnavailableError (explicit) when triton is missing."""
-    try:
-        return importlib.import_module(".triton", __name__)
-    except ImportError as exc:
-        if required:
-            raise BackendUnavailableError(
-                f"sparse-conv backend 'triton' was requested but triton cannot be imported ({exc}); install the "
-                f"'cuda' extra (pip install triton) or choose backend 'torch' / unset {ENV_VAR}"
-            ) from exc
-        return None
+_switch = BackendSwitch("sparse-conv", ENV_VAR, __name__)
+use_backend = _switch.use
+requested_backend = _switch.requested
+_triton_module = _switch.triton_module
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
@@ -89,10 +35,7 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
         return "torch"
     if name == "triton":
         if device.type != "cuda":
-            raise BackendUnavailableError(
-                f"sparse-conv backend 'triton' needs CUDA tensors; got tensors on '{device}'. Move them to a "
-                f"CUDA device or choose backend 'torch' (the CPU/MPS path)"
-            )
+            raise _switch.needs_cuda(device)
         _triton_module(required=True)
         return "triton"
     if device.type == "cuda" and _triton_module(required=False) is not None:
