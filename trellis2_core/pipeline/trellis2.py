@@ -198,28 +198,21 @@ class Trellis2Pipeline:
         cond = self.condition(image, p.cond_resolutions, preprocess=preprocess, multiview_mode=multiview_mode)
 
         g = rng.generator(seed)
-        total = params["sparse_structure"].steps + params["shape_slat"].steps * len(p.shape_models) + params["tex_slat"].steps
-        done = [0]
+        steps = (params["sparse_structure"].steps, params["shape_slat"].steps * len(p.shape_models), params["tex_slat"].steps)
+        total = sum(steps)
 
-        def sub(offset: int) -> Progress | None:
-            if progress is None:
-                return None
-
-            def report(d: int, _t: int) -> None:
-                done[0] = offset + d
-                progress(done[0], total)
-
-            return report
+        def sub(offset: int) -> Progress | None:  # one stage's progress as part of the whole run
+            return None if progress is None else (lambda done, _total: progress(offset + done, total))
 
         if structure is None:
             structure = self.structure(cond, pipeline_type=pipeline_type, generator=g, params=params["sparse_structure"],
                                        progress=sub(0), should_stop=should_stop)  # fmt: skip
         else:
             self._skip_structure_noise(g)
-            done[0] = params["sparse_structure"].steps
         shape = self.shape(cond, structure, pipeline_type=pipeline_type, generator=g, params=params["shape_slat"],
-                           max_tokens=max_tokens, progress=sub(done[0]), should_stop=should_stop)  # fmt: skip
-        material = self.material(cond, shape, generator=g, params=params["tex_slat"], progress=sub(done[0]), should_stop=should_stop)
+                           max_tokens=max_tokens, progress=sub(steps[0]), should_stop=should_stop)  # fmt: skip
+        material = self.material(cond, shape, generator=g, params=params["tex_slat"], progress=sub(steps[0] + steps[1]),
+                                 should_stop=should_stop)  # fmt: skip
         ovoxel = self.decode(shape, material)
         return Generation(ovoxel=ovoxel, structure=structure, shape=shape, material=material, conditioning=cond)
 
