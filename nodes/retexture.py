@@ -1,9 +1,7 @@
 """Retexturing a user's own mesh: load a mesh file, and generate PBR textures for exactly its geometry.
 
 Trellis2LoadMesh reads a GLB/glTF/OBJ/PLY/STL/OFF from ComfyUI's input folder (also ``input/3d/``, where core's
-Load3D uploads go) with trimesh, as-is: no vertex merging, node transforms applied, UVs kept (flipped from trimesh's
-v-up to glTF's convention, which the engine uses). Coordinates are taken as glTF Y-up (GLB is Y-up by definition;
-OBJ/PLY files from DCC tools mostly are too).
+Load3D uploads go) with the engine's ``read_mesh`` (trellis2_core/mesh/load.py): as-is, glTF Y-up, UVs kept.
 
 Trellis2Retexture makes one engine call, ``retexture_mesh`` (trellis2_core/pipeline/retexture.py, SPEC 16): it
 normalises the mesh into the engine frame, voxelises and encodes it with the shape SC-VAE encoder, samples the
@@ -17,13 +15,11 @@ from __future__ import annotations
 import hashlib
 import os
 
-import numpy as np
-
 import folder_paths
 from comfy_api.latest import io
 
 from ..trellis2_core.errors import InputError
-from ..trellis2_core.mesh.mesh import Mesh
+from ..trellis2_core.mesh.load import MESH_SUFFIXES, read_mesh
 from ..trellis2_core.pipeline import rng
 from ..trellis2_core.pipeline.material import tex_role
 from ..trellis2_core.pipeline.retexture import retexture_mesh
@@ -32,7 +28,6 @@ from .generation import MAX_SEED, _params, _sampler_inputs
 from .runtime import cancellable, progress_bar, should_stop
 from .sockets import CATEGORY, ConditioningSocket, ModelSocket
 
-MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 RETEXTURE_RESOLUTIONS = ("1024", "512")
 
 
@@ -58,33 +53,6 @@ def _input_path(name: str) -> str:
             "input/3d/ (core's Load3D uploads there) and refresh"
         )
     return path
-
-
-def read_mesh(path: str) -> Mesh:
-    """A mesh file as one engine Mesh (glTF Y-up, UVs in glTF convention when every part has them)."""
-    import trimesh  # the engine's dependency; imported here so listing files never needs it
-
-    try:
-        loaded = trimesh.load(path, process=False, maintain_order=True)
-    except Exception as e:  # trimesh raises many types for broken files; name the file and the cause
-        raise InputError(f"mesh_file: trimesh could not read {os.path.basename(path)!r} ({type(e).__name__}: {e}); "
-                         "pass a valid GLB, OBJ or PLY") from e
-    parts = loaded.dump() if isinstance(loaded, trimesh.Scene) else [loaded]  # scene graph transforms applied
-    parts = [p for p in parts if isinstance(p, trimesh.Trimesh) and len(p.faces)]
-    if not parts:
-        raise InputError(f"mesh_file: {os.path.basename(path)!r} holds no triangles (a point cloud or lines?); pass a triangle mesh")
-    uvs = [getattr(p.visual, "uv", None) for p in parts]
-    has_uvs = all(u is not None and len(u) == len(p.vertices) for u, p in zip(uvs, parts))
-    vertices, faces, offset = [], [], 0
-    for p in parts:
-        vertices.append(np.asarray(p.vertices, np.float64))
-        faces.append(np.asarray(p.faces, np.int64) + offset)
-        offset += len(p.vertices)
-    uv = None
-    if has_uvs:
-        uv = np.concatenate([np.asarray(u, np.float64) for u in uvs])
-        uv = np.stack([uv[:, 0], 1.0 - uv[:, 1]], 1)  # trimesh keeps v up; the engine (and glTF) v down
-    return Mesh.from_numpy(np.concatenate(vertices), np.concatenate(faces), uvs=uv)
 
 
 class Trellis2LoadMesh(io.ComfyNode):
@@ -113,7 +81,7 @@ class Trellis2LoadMesh(io.ComfyNode):
 
     @classmethod
     def execute(cls, mesh_file) -> io.NodeOutput:
-        return io.NodeOutput(mesh_socket.to_comfy(read_mesh(_input_path(mesh_file))))
+        return io.NodeOutput(mesh_socket.to_comfy(read_mesh(_input_path(mesh_file), what="mesh_file")))
 
 
 # ------------------------------------------------------------------------------------------------ retexture

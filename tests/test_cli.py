@@ -67,6 +67,9 @@ def test_bad_arguments_are_reported(snapshot, image_path, tmp_path, capsys):
     assert "must end in .glb" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "nope.png"), "-o", str(tmp_path / "x.glb"), "--weights", str(snapshot)]) == 2
     assert "cannot read the image" in capsys.readouterr().err
+    for flag, value in (("--texture-size", "9000"), ("--faces", "2"), ("--steps", "0"), ("--seed", "-1")):
+        assert main(["generate", str(image_path), "-o", str(tmp_path / "x.glb"), flag, value]) == 2
+        assert flag in capsys.readouterr().err  # refused before any weights are resolved
     opaque = tmp_path / "opaque.png"
     Image.new("RGB", (32, 32), (10, 200, 30)).save(opaque)
     code = main(["generate", str(opaque), "-o", str(tmp_path / "x.glb"), "--weights", str(snapshot), "--offline",

@@ -169,3 +169,16 @@ def test_full_chain_from_a_decoded_like_mesh_to_a_valid_glb(tmp_path, validate):
     tex = np.asarray(geom.visual.material.baseColorTexture.convert("RGBA")).astype(np.float64) / 255
     red = tex[py, px, 0]
     assert np.median(np.abs(red - (np.asarray(geom.vertices)[:, 0] + 0.5))) < 0.03
+
+
+def test_read_mesh_gives_back_what_export_wrote(tmp_path):
+    """read_mesh (the Load Mesh node's reader) returns the exported vertices, faces and glTF-convention UVs."""
+    from trellis2.trellis2_core.mesh.load import read_mesh
+
+    mesh = _textured_mesh()  # glTF Y-up already
+    back = read_mesh(export_glb(mesh, tmp_path / "m.glb"))
+    assert torch.allclose(back.vertices, mesh.vertices) and torch.equal(back.faces, mesh.faces)
+    assert back.uvs is not None and torch.allclose(back.uvs, mesh.uvs)
+    (tmp_path / "broken.glb").write_bytes(b"glTF not really")
+    with pytest.raises(InputError, match="mesh_file: trimesh could not read 'broken.glb'"):
+        read_mesh(tmp_path / "broken.glb", what="mesh_file")

@@ -99,6 +99,9 @@ def test_bad_mode_and_bad_conditioning_raise():
         Conditioning(tokens={512: _views(2)}, multiview_mode="blend")
     with pytest.raises(InputError, match="one V for all"):
         Conditioning(tokens={512: _views(2), 1024: _views(3)})
+    for bad in ({512: torch.tensor(1.0)}, {512: "tokens"}, {}, None):  # InputError, not IndexError/AttributeError
+        with pytest.raises(InputError, match="one V for all"):
+            Conditioning(tokens=bad)
 
 
 # ----------------------------------------------------------------------------------------------- tiny pipeline

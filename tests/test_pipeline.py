@@ -173,3 +173,22 @@ def test_cascade_token_cap_lowers_the_resolution_in_steps_of_128():
     # lexicographic order (the noise rows are assigned in this order)
     keys = coords[:, 1].long() * 10**6 + coords[:, 2].long() * 10**3 + coords[:, 3].long()
     assert bool((keys[1:] > keys[:-1]).all())
+
+
+def test_decode_uses_the_decoders_voxel_margin(pipe, image):
+    """decode_shape maps the dual-vertex logits with the checkpoint config's voxel_margin, not a fixed 0.5."""
+    from trellis2.trellis2_core.ovoxel.flexible_dual_grid import fdg_head
+
+    shape = pipe.generate(image, seed=5, pipeline_type="512", structure=ball(32, 3.0), sampler_overrides=FAST).shape
+    with pipe.components.use("shape_slat_decoder") as decoder:
+        raw = decoder(shape.latent)
+        margin = decoder.voxel_margin
+        decoder.voxel_margin = 0.25
+    try:
+        ov = pipe.decode(shape)
+    finally:
+        decoder.voxel_margin = margin
+    expected, _, _ = fdg_head(raw.feats.float(), 0.25)
+    assert ov.num_voxels > 0
+    assert torch.equal(ov.vertex_offset, expected.float())
+    assert not torch.equal(pipe.decode(shape).vertex_offset, ov.vertex_offset)

@@ -18,7 +18,7 @@ import torch
 import trimesh
 from PIL import Image
 
-from trellis2.trellis2_core.errors import InputError
+from trellis2.trellis2_core.errors import ConfigError, InputError
 from trellis2.trellis2_core.mesh.glb import export_glb
 from trellis2.trellis2_core.mesh.mesh import Mesh
 from trellis2.trellis2_core.ovoxel.ovoxel import OVoxel
@@ -283,3 +283,5 @@ def test_bad_inputs_raise_clear_errors(pipe, image, snapshot, run):
     full = Trellis2Pipeline.from_pretrained(snapshot, device="cpu", allow_download=False)  # pipeline.json: no encoder
     with pytest.raises(InputError, match="texturing_pipeline.json"):
         full.retexture(mesh, image, resolution=R)
+    with pytest.raises(ConfigError, match="has no sparse_structure_sampler entry"):  # not a bare KeyError
+        pipe.generate(image, pipeline_type="512")

@@ -213,3 +213,24 @@ def test_sample_input_errors():
         sample(lambda x, t, c: x[:1], x, torch.ones(2), torch.zeros(2), p)
     with pytest.raises(InputError, match="SamplerParams"):
         sample(toy_model(), x, torch.ones(2), torch.zeros(2), {"steps": 2})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batched", [False, True])
+def test_steps_make_no_host_sync_on_cuda(batched):
+    """The sampler's own per-step work never blocks the host (a sync per step idles the GPU while kernels launch)."""
+    g = torch.Generator().manual_seed(0)
+    coords = torch.unique(torch.cat([torch.zeros(400, 1), torch.randint(0, 16, (400, 3), generator=g)], 1).int(), dim=0)
+    x = SparseTensor(torch.randn(len(coords), 8, generator=g), coords).to("cuda")
+    c = torch.randn(1, 4, 8, generator=g).cuda()
+    params = SamplerParams(steps=4, guidance_strength=3.0, guidance_rescale=0.7)
+
+    def model(x, t, cond):
+        return x.replace(x.feats * 0.1 + cond.mean() + t.mean() * 1e-4)
+
+    sample(model, x, c, torch.zeros_like(c), params, batched_cfg=batched)  # warms the per-coordinates caches
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sample(model, x, c, torch.zeros_like(c), params, batched_cfg=batched)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

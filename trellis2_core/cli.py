@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
                    "streaming and chunked decoding for --pipeline")  # fmt: skip
     g.add_argument("--steps", type=int, default=None, help="sampler steps for every stage (default: pipeline.json's, 12)")
     g.add_argument("--faces", type=int, default=500_000, help="face count after decimation (default 500000)")
-    g.add_argument("--texture-size", type=int, default=2048, help="texture resolution (default 2048, up to 4096)")
+    g.add_argument("--texture-size", type=int, default=2048, help="texture resolution (default 2048, 16 to 8192)")
     g.add_argument("--webp", action="store_true", help="store textures as WebP (EXT_texture_webp) instead of PNG")
     g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -85,6 +85,15 @@ def _generate(args: argparse.Namespace) -> int:
     from .weights import DEFAULT_REPO
 
     out = args.output
+    # Checked before anything loads: the engine would reject these only after resolving weights or after sampling.
+    if not 16 <= args.texture_size <= 8192:
+        raise Trellis2Error(f"--texture-size must be in [16, 8192]; got {args.texture_size}. The default is 2048")
+    if args.faces < 4:
+        raise Trellis2Error(f"--faces must be >= 4; got {args.faces}. The default is 500000")
+    if args.steps is not None and args.steps < 1:
+        raise Trellis2Error(f"--steps must be >= 1; got {args.steps}. The official value is 12")
+    if not 0 <= args.seed < 2**64:
+        raise Trellis2Error(f"--seed must be in [0, 2**64 - 1]; got {args.seed}. The reference's default is 42")
     if out.suffix.lower() != ".glb":
         raise Trellis2Error(f"--output must end in .glb; got {str(out)!r}")
     if out.exists() and not args.overwrite:

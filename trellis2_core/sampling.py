@@ -231,13 +231,14 @@ def _item_std(x: Latent, values: torch.Tensor) -> torch.Tensor:
     # adds on CUDA make the same seed give different results run to run.
     off = x.batch_offsets()
     row = values.reshape(values.shape[0], -1)
-    stds, counts = [], []
+    # Expanded per item rather than repeat_interleave(counts tensor): that tensor's host->device copy would block
+    # the host on every guided step (see _ModelRunner._call).
+    stds = []
     for b in range(len(off) - 1):
         seg = row[off[b] : off[b + 1]]
         mean, mean2 = seg.mean(), (seg * seg).mean()
-        stds.append((mean2 - mean * mean).sqrt())
-        counts.append(off[b + 1] - off[b])
-    std = torch.repeat_interleave(torch.stack(stds), torch.tensor(counts, device=values.device))
+        stds.append((mean2 - mean * mean).sqrt().expand(off[b + 1] - off[b]))
+    std = torch.cat(stds)
     return std.reshape((-1,) + (1,) * (values.dim() - 1))
 
 
@@ -250,7 +251,9 @@ class _ModelRunner:
 
     def _call(self, x: Latent, t: float, cond, extra) -> torch.Tensor:
         n_items = x.shape[0] if isinstance(x, torch.Tensor) else x.batch_size
-        t_tensor = torch.tensor([1000 * t] * n_items, device=x.device, dtype=torch.float32)
+        # torch.full, not torch.tensor(list, device=...): a host->device copy blocks the host until the GPU queue
+        # drains, once per model call (H200: 428 ms behind 20 queued 8k GEMMs vs 0.04 ms). Same float32 values.
+        t_tensor = torch.full((n_items,), 1000 * t, device=x.device, dtype=torch.float32)
         out = self.model_fn(x, t_tensor, cond, **extra)
         self.calls += 1
         if isinstance(x, SparseTensor) != isinstance(out, SparseTensor) or out.shape != x.shape:

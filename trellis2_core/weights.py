@@ -38,6 +38,7 @@ from types import MappingProxyType
 from typing import Any, Iterable, Mapping
 
 from .checkpoints import read_safetensors_header
+from .conditioning import DINOV3_REPO
 from .errors import CheckpointError, ConfigError
 from .hub import Fetcher
 
@@ -46,7 +47,6 @@ log = logging.getLogger(__name__)
 DEFAULT_REPO = "microsoft/TRELLIS.2-4B"
 PIPELINE_FILE = "pipeline.json"
 TEXTURING_FILE = "texturing_pipeline.json"
-DINOV3_REPO = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 DINOV3_FILES = ("config.json", "model.safetensors")
 # The revisions SPEC.md was derived from (and the reference pins); other repos use their default branch.
 PINNED_REVISIONS = {

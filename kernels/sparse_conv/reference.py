@@ -75,6 +75,25 @@ def _chunk_rows(ci: int, elem_bytes: int, max_bytes: int) -> int:
     return max(1, max_bytes // (KERNEL_VOLUME * max(ci, 1) * elem_bytes))
 
 
+def check_conv_args(feats: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int]:
+    """(N, Ci, Co) of a submanifold_conv3d call; ValueError naming the argument whose shape or dtype is wrong.
+
+    Shared by every backend, so they accept exactly the same calls.
+    """
+    if feats.dim() != 2:
+        raise ValueError(f"submanifold_conv3d: feats must be [N, Ci]; got shape {tuple(feats.shape)}")
+    n, ci = feats.shape
+    if weight.dim() != 5 or tuple(weight.shape[1:4]) != (3, 3, 3) or weight.shape[4] != ci:
+        raise ValueError(
+            f"submanifold_conv3d: weight must be [Co, 3, 3, 3, Ci={ci}] (official layout); got {tuple(weight.shape)}"
+        )
+    if neighbours.shape != (n, KERNEL_VOLUME):
+        raise ValueError(f"submanifold_conv3d: neighbours must be [N={n}, 27]; got {tuple(neighbours.shape)}")
+    if weight.dtype != feats.dtype:
+        raise ValueError(f"submanifold_conv3d: weight dtype {weight.dtype} != feats dtype {feats.dtype}; cast one of them")
+    return n, ci, weight.shape[0]
+
+
 def submanifold_conv3d(
     feats: torch.Tensor,
     neighbours: torch.Tensor,
@@ -97,18 +116,7 @@ def submanifold_conv3d(
     matmul. Accumulation is fp32 for half inputs: on CUDA cuBLAS half GEMMs accumulate in fp32; elsewhere the
     chunk is upcast to fp32 (CPU half matmul is slow and its accumulation type is not guaranteed).
     """
-    if feats.dim() != 2:
-        raise ValueError(f"submanifold_conv3d: feats must be [N, Ci]; got shape {tuple(feats.shape)}")
-    n, ci = feats.shape
-    if weight.dim() != 5 or tuple(weight.shape[1:4]) != (3, 3, 3) or weight.shape[4] != ci:
-        raise ValueError(
-            f"submanifold_conv3d: weight must be [Co, 3, 3, 3, Ci={ci}] (official layout); got {tuple(weight.shape)}"
-        )
-    if neighbours.shape != (n, KERNEL_VOLUME):
-        raise ValueError(f"submanifold_conv3d: neighbours must be [N={n}, 27]; got {tuple(neighbours.shape)}")
-    if weight.dtype != feats.dtype:
-        raise ValueError(f"submanifold_conv3d: weight dtype {weight.dtype} != feats dtype {feats.dtype}; cast one of them")
-    co = weight.shape[0]
+    n, ci, co = check_conv_args(feats, neighbours, weight)
     out_dtype = feats.dtype
     compute_dtype = feats.dtype
     if feats.dtype in (torch.float16, torch.bfloat16) and feats.device.type != "cuda":

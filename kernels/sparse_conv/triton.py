@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-KERNEL_VOLUME = 27
+from .reference import check_conv_args
 
 
 def _configs():
@@ -124,22 +124,11 @@ def submanifold_conv3d(
     bias:       [Co] (any float dtype, added in fp32) or None
     returns     [N, Co] in feats.dtype, fp32 accumulation.
     """
-    if feats.dim() != 2:
-        raise ValueError(f"submanifold_conv3d: feats must be [N, Ci]; got shape {tuple(feats.shape)}")
-    n, ci = feats.shape
-    if weight.dim() != 5 or tuple(weight.shape[1:4]) != (3, 3, 3) or weight.shape[4] != ci:
-        raise ValueError(
-            f"submanifold_conv3d: weight must be [Co, 3, 3, 3, Ci={ci}] (official layout); got {tuple(weight.shape)}"
-        )
-    if neighbours.shape != (n, KERNEL_VOLUME):
-        raise ValueError(f"submanifold_conv3d: neighbours must be [N={n}, 27]; got {tuple(neighbours.shape)}")
-    if weight.dtype != feats.dtype:
-        raise ValueError(f"submanifold_conv3d: weight dtype {weight.dtype} != feats dtype {feats.dtype}; cast one of them")
+    n, ci, co = check_conv_args(feats, neighbours, weight)
     if feats.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"submanifold_conv3d (triton): feats dtype must be one of {SUPPORTED_DTYPES}; got {feats.dtype}")
     if feats.device.type != "cuda":
         raise ValueError(f"submanifold_conv3d (triton): tensors must be on a CUDA device; got {feats.device}")
-    co = weight.shape[0]
     out = torch.empty(n, co, dtype=feats.dtype, device=feats.device)
     if n == 0 or co == 0:
         return out

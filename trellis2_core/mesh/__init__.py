@@ -1,1 +1,1 @@
-"""Meshes: the Mesh dataclass, repair, decimation, UV unwrap, texture baking and GLB export."""
+"""Meshes: the Mesh dataclass, file loading, repair, decimation, UV unwrap, texture baking and GLB export."""

@@ -107,7 +107,8 @@ def bake_ovoxel(
     reuse_uvs: bool = False,
     progress=None,
 ) -> Mesh:
-    """``mesh`` (engine Z-up frame) with UVs and PBR maps baked from ``ovoxel``'s attributes; geometry unchanged.
+    """``mesh`` (engine Z-up frame) with UVs and PBR maps baked from ``ovoxel``'s attributes; same surface and
+    positions, but unwrapping (not ``reuse_uvs``) splits vertices along UV seams and drops zero-area faces.
 
     Unwraps (or keeps the mesh's UVs with ``reuse_uvs``), then samples the voxel attributes per texel, at the closest
     point of the O-Voxel's own decoded surface when ``project_to_surface`` (what the reference does after remeshing

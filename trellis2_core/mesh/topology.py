@@ -62,10 +62,8 @@ def compact(vertices: np.ndarray, faces: np.ndarray, *extra: np.ndarray | None):
     return (*out, keep)
 
 
-def unique_rows_first(keys: np.ndarray) -> np.ndarray:
-    """Indices of the first occurrence of each distinct row of an int array [N, K], in original order."""
-    if len(keys) == 0:
-        return np.zeros(0, np.int64)
+def _unique_rows(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.unique over the rows of an int array [N, K] (N > 0): (first occurrence of each distinct row, inverse [N])."""
     lo, hi = keys.min(0), keys.max(0)
     span = (hi - lo + 1).astype(object)
     # one int64 key when the ranges fit (fast path, ~10x faster than np.unique(axis=0) on millions of rows)
@@ -73,23 +71,22 @@ def unique_rows_first(keys: np.ndarray) -> np.ndarray:
         k = np.zeros(len(keys), np.int64)
         for j in range(keys.shape[1]):
             k = k * np.int64(span[j]) + (keys[:, j] - lo[j]).astype(np.int64)
-        _, first = np.unique(k, return_index=True)
+        _, first, inv = np.unique(k, return_index=True, return_inverse=True)
     else:
-        _, first = np.unique(keys, axis=0, return_index=True)
-    return np.sort(first)
+        _, first, inv = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    return first, inv.reshape(-1)
+
+
+def unique_rows_first(keys: np.ndarray) -> np.ndarray:
+    """Indices of the first occurrence of each distinct row of an int array [N, K], in original order."""
+    if len(keys) == 0:
+        return np.zeros(0, np.int64)
+    return np.sort(_unique_rows(keys)[0])
 
 
 def group_rows(keys: np.ndarray) -> np.ndarray:
     """For an int array [N, K]: id [N] of each row's group (rows equal <=> same id), ids = first occurrence order."""
-    lo, hi = keys.min(0), keys.max(0)
-    span = (hi - lo + 1).astype(object)
-    if np.prod(span) < 2 ** 62:
-        k = np.zeros(len(keys), np.int64)
-        for j in range(keys.shape[1]):
-            k = k * np.int64(span[j]) + (keys[:, j] - lo[j]).astype(np.int64)
-        _, first, inv = np.unique(k, return_index=True, return_inverse=True)
-    else:
-        _, first, inv = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    first, inv = _unique_rows(keys)
     rank = np.empty(len(first), np.int64)
     rank[np.argsort(first)] = np.arange(len(first))
-    return rank[inv.reshape(-1)]
+    return rank[inv]

@@ -2,7 +2,7 @@
 
 ``from_config({"name": ..., "args": {...}})`` builds the module the official JSON describes. By default it is
 built on the meta device (no memory) so that a checkpoint can be loaded into it with ``assign=True``
-(see ``trellis2_core.weights``). Model classes are imported lazily: building one model never imports the others.
+(see ``trellis2_core.checkpoints.load_model``). Model classes are imported lazily: building one model never imports the others.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import InputError
 from ..ovoxel.ovoxel import OVoxel
-
+from ..sparse import SparseTensor
 from .components import ComponentSource
 from .types import MaterialLatent, ShapeLatent
 
@@ -23,7 +23,9 @@ def decode_shape(components: ComponentSource, shape: ShapeLatent) -> OVoxel:
     """Geometry O-Voxel at the shape's resolution R, with the subdivision guides the texture decoder needs."""
     with components.use(SHAPE_DECODER) as decoder:
         raw, subs = decoder(shape.latent.to(components.device), return_subs=True)
-    return OVoxel.from_decoder_output(raw.coords, raw.feats.float(), shape.resolution, subdivision_guides=subs)
+        margin = decoder.voxel_margin  # the checkpoint config's (released: 0.5), not from_decoder_output's default
+    return OVoxel.from_decoder_output(raw.coords, raw.feats.float(), shape.resolution, subdivision_guides=subs,
+                                      voxel_margin=margin)
 
 
 @torch.no_grad()
@@ -43,11 +45,20 @@ def decode_material(components: ComponentSource, material: MaterialLatent, geome
     guides = [g.to(device) for g in geometry.subdivision_guides]
     with components.use(TEX_DECODER) as decoder:
         tex = decoder(material.latent.to(device), guide_subs=guides)
+    return attach_pbr(tex, geometry, "the geometry", "the material latent does not belong to this geometry "
+                      "(connect both from the same shape latent)")
+
+
+def attach_pbr(tex: SparseTensor, geometry: OVoxel, what: str, fix: str) -> OVoxel:
+    """``geometry`` with the texture decoder's output [N, 6] as PBR attributes (``v * 0.5 + 0.5``, unclamped).
+
+    tex must sit on exactly geometry's voxels in geometry's row order; otherwise InputError naming ``what`` (the
+    geometry, e.g. "the mesh") and ``fix``.
+    """
     coords = tex.coords[:, 1:].to(geometry.device)
     if coords.shape != geometry.coords.shape or not torch.equal(coords, geometry.coords):
         raise InputError(
-            f"the texture decoder produced {coords.shape[0]} voxels but the geometry has {geometry.num_voxels}; "
-            "the material latent does not belong to this geometry (connect both from the same shape latent)"
+            f"the texture decoder produced {coords.shape[0]} voxels but {what} has {geometry.num_voxels}; {fix}"
         )
     return geometry.with_attributes(tex.feats.float().to(geometry.device) * 0.5 + 0.5)
 

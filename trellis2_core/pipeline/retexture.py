@@ -41,6 +41,7 @@ from ..sparse import SparseTensor
 from ..sparse.spatial import RECORD_KEY
 from ..weights import Normalization
 from .components import ComponentSource
+from .decode import attach_pbr
 from .material import sample_material
 from .types import Conditioning, MaterialLatent, ShapeLatent
 
@@ -164,13 +165,8 @@ def decode_on_mesh(components: ComponentSource, material: MaterialLatent, encode
         )
     with components.use(TEX_DECODER) as decoder:
         tex = decoder(latent)
-    coords = tex.coords[:, 1:].to(geometry.device)
-    if coords.shape != geometry.coords.shape or not torch.equal(coords, geometry.coords):
-        raise InputError(
-            f"the texture decoder produced {coords.shape[0]} voxels but the mesh has {geometry.num_voxels}; the material "
-            "latent was not sampled on this mesh's encoding (pass the EncodedMesh it came from)"
-        )
-    return geometry.with_attributes(tex.feats.float().to(geometry.device) * 0.5 + 0.5)
+    return attach_pbr(tex, geometry, "the mesh", "the material latent was not sampled on this mesh's encoding "
+                      "(pass the EncodedMesh it came from)")
 
 
 def bake_onto_mesh(

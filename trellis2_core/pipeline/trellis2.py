@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..checkpoints import read_model_config
-from ..errors import InputError
+from ..errors import ConfigError, InputError
 from ..image import preprocess_image
 from ..mesh.mesh import Mesh
 from ..ovoxel.ovoxel import OVoxel
@@ -102,7 +102,12 @@ class Trellis2Pipeline:
         """The pipeline.json defaults of ``stage`` ('sparse_structure', 'shape_slat', 'tex_slat'), overridable."""
         if stage not in STAGES:
             raise InputError(f"stage must be one of {list(STAGES)}; got {stage!r}")
-        spec = self.files.samplers[f"{stage}_sampler"]
+        spec = self.files.samplers.get(f"{stage}_sampler")
+        if spec is None:
+            raise ConfigError(
+                f"{self.files.config_path} has no {stage}_sampler entry (it has {sorted(self.files.samplers)}); load the "
+                f"pipeline.json that runs the '{stage}' stage (texturing_pipeline.json only samples the texture)"
+            )
         entry = {"name": spec.name, "args": dict(spec.args), "params": dict(spec.params)}
         return SamplerParams.from_pipeline_entry(entry, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -195,9 +200,9 @@ class Trellis2Pipeline:
         if unknown:
             raise InputError(f"sampler_overrides has unknown stage(s) {unknown}; stages are {list(STAGES)}")
         params = {s: self.sampler_params(s, **overrides.get(s, {})) for s in STAGES}
+        g = rng.generator(seed)  # a bad seed fails here, before DINOv3 runs
         cond = self.condition(image, p.cond_resolutions, preprocess=preprocess, multiview_mode=multiview_mode)
 
-        g = rng.generator(seed)
         steps = (params["sparse_structure"].steps, params["shape_slat"].steps * len(p.shape_models), params["tex_slat"].steps)
         total = sum(steps)
 
@@ -246,13 +251,14 @@ class Trellis2Pipeline:
                 "pipeline with Trellis2Pipeline.from_pretrained(source, config_file='texturing_pipeline.json')"
             )
         _, cond_res = tex_role(resolution)
+        params = self.sampler_params("tex_slat", **(sampler_overrides or {}))
+        generator = rng.generator(seed)  # bad overrides or seed fail here, before DINOv3 runs
         cond = self.condition(image, (cond_res,), preprocess=preprocess, multiview_mode=multiview_mode)
         return retexture_mesh(
-            self.components, cond, mesh, resolution=resolution,
-            params=self.sampler_params("tex_slat", **(sampler_overrides or {})),
+            self.components, cond, mesh, resolution=resolution, params=params,
             shape_normalization=self.files.normalizations["shape_slat_normalization"],
             tex_normalization=self.files.normalizations["tex_slat_normalization"],
-            generator=rng.generator(seed), texture_size=texture_size, keep_uvs=keep_uvs,
+            generator=generator, texture_size=texture_size, keep_uvs=keep_uvs,
             progress=progress, should_stop=should_stop,
         )  # fmt: skip
 

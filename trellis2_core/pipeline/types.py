@@ -74,10 +74,14 @@ class Conditioning:
 
     def __post_init__(self) -> None:
         check_mode(self.multiview_mode)
-        views = {int(t.shape[0]) for t in self.tokens.values()}
-        if not self.tokens or len(views) != 1 or any(t.dim() != 3 for t in self.tokens.values()):
-            shapes = {r: tuple(t.shape) for r, t in self.tokens.items()}
-            raise InputError(f"Conditioning.tokens must map resolution -> [V, L, C] with one V for all; got {shapes}")
+        tokens = self.tokens if isinstance(self.tokens, dict) else {}
+        ok = bool(tokens) and all(torch.is_tensor(t) and t.dim() == 3 for t in tokens.values())
+        if not ok or len({int(t.shape[0]) for t in tokens.values()}) != 1:
+            got = {r: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__ for r, t in tokens.items()}
+            raise InputError(
+                f"Conditioning.tokens must map resolution -> [V, L, C] with one V for all; got "
+                f"{got if isinstance(self.tokens, dict) else type(self.tokens).__name__}"
+            )
 
     def with_multiview_mode(self, mode: str) -> Conditioning:
         return dataclasses.replace(self, multiview_mode=mode)
