@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, default=None, help="sampler steps for every stage (default: pipeline.json's, 12)")
     g.add_argument("--faces", type=int, default=500_000, help="face count after decimation (default 500000)")
     g.add_argument("--texture-size", type=int, default=2048, help="texture resolution (default 2048, 16 to 8192)")
+    g.add_argument("--normal-map", action="store_true",
+                   help="also bake a tangent-space normal map of the full-resolution surface (exported with tangents)")
     g.add_argument("--webp", action="store_true", help="store textures as WebP (EXT_texture_webp) instead of PNG")
     g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -132,6 +134,7 @@ def _generate(args: argparse.Namespace) -> int:
         mesh, report = textured_mesh(
             Mesh(vertices.float().cpu(), faces.long().cpu()), ov.coords.cpu(), ov.attributes.float().cpu(),
             ov.resolution, decimation_target=args.faces, texture_size=args.texture_size, progress=progress,
+            normal_map=args.normal_map,
         )  # fmt: skip
     finally:
         close()

@@ -3,8 +3,10 @@
 Per texel: rasterise the UV layout (raster.py), interpolate the 3D position (engine Z-up frame, the frame the voxels
 live in), optionally move it to the closest point of a reference surface (the high-resolution decoded mesh, as the
 reference does after remeshing/decimation), sample the voxel attributes trilinearly (ovoxel/attributes.py) and write
-uint8 textures. Texels outside every chart are filled by seam dilation (iterative masked neighbour averaging, then a
-pull-push fill for the rest) so bilinear filtering and mipmaps never pull in black.
+uint8 textures; optionally (normal_map=True) also a tangent-space normal map: the reference surface's interpolated
+normal at each texel's closest point, in the texel's tangent frame (normal_map.py). Texels outside every chart are
+filled by seam dilation (iterative masked neighbour averaging, then a pull-push fill for the rest) so bilinear
+filtering and mipmaps never pull in black.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ..errors import InputError
 from ..ovoxel.attributes import VoxelAttributeField, world_to_grid
 from .closest import ClosestPointQuery
 from .mesh import Mesh, PBRMaps
+from .normal_map import SurfaceNormalQuery, encode_tangent_space, renormalize_encoded, texel_frames, with_tangents
 from .raster import rasterize_uv
 
 log = logging.getLogger(__name__)
@@ -49,6 +52,7 @@ def bake_textures(
     dilation: int = 2,
     chunk: int = 1 << 20,
     progress=None,
+    normal_map: bool = False,
 ) -> PBRMaps:
     """Textures for `mesh` (which must have UVs) from voxel attributes.
 
@@ -59,8 +63,12 @@ def bake_textures(
     texture_size: H = W, up to 8192; memory is ~ 60 bytes per texel plus chunk-sized temporaries.
     dilation: texels of neighbour-averaging around charts before the pull-push fill of the rest (0 = pull-push only).
     progress: optional callable(done, total) per sampled chunk.
+    normal_map: also bake PBRMaps.normal (glTF tangent space, linear, +Y = green up) from `reference`'s vertex normals
+    at the closest point (without a reference the map is flat, (128, 128, 255)). The map is only valid with the tangents
+    it was baked in: those of `mesh.tangents` if set, else normal_map.with_tangents(mesh)'s (deterministic), which the
+    caller must attach to the mesh it exports (textured_mesh and bake_ovoxel do; export_glb recomputes them if absent).
     Returns PBRMaps: base_color RGBA (sRGB values as the decoder produces them, alpha linear), metallic_roughness
-    (R 0, G roughness, B metallic).
+    (R 0, G roughness, B metallic), normal [H, W, 3] or None.
     """
     if not isinstance(mesh, Mesh) or mesh.uvs is None:
         raise InputError("mesh: expected a Mesh with uvs; unwrap it first (trellis2_core.mesh.uv.unwrap)")
@@ -86,22 +94,34 @@ def bake_textures(
     query = ClosestPointQuery(reference.vertices.to(device), reference.faces.to(device)) if reference is not None \
         else None
     nch = 6
+    if normal_map:
+        tmesh = (mesh if mesh.tangents is not None else with_tangents(mesh)).to(device)
+        nquery = SurfaceNormalQuery(query, reference) if query is not None else None
+        nch = 9                                        # + encoded normal xyz, seam-filled with the rest
     img = torch.zeros(size * size, nch, dtype=torch.float32, device=device)  # r g b a | metallic roughness
     total = max((len(texels) + chunk - 1) // chunk, 1)
     for n, s in enumerate(range(0, len(texels), chunk)):
         fidx = faces[tface[s:s + chunk]]                              # [c, 3]
         p = (verts[fidx] * tbary[s:s + chunk, :, None]).sum(1)           # texel positions, engine frame
-        if query is not None:
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        if normal_map:
+            tt, tb, tn = texel_frames(tmesh, tface[s:s + chunk], tbary[s:s + chunk])
+            if nquery is not None:
+                p, ref_n = nquery.project(p)           # same points as query.query, plus the normals there
+            else:
+                ref_n = tn
+            enc = encode_tangent_space(ref_n, tt, tb, tn)
+        elif query is not None:
             p = query.query(p)
-            secs["project"] += time.perf_counter() - t0
+        secs["project"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         a = field.sample(world_to_grid(p, resolution, aabb_min, aabb_size)).to(torch.float32)
         secs["sample"] += time.perf_counter() - t0
         b0, b1 = layout.base_color
         alpha = a[:, layout.alpha:layout.alpha + 1] if layout.alpha is not None else torch.ones_like(a[:, :1])
-        img[texels[s:s + chunk]] = torch.cat([a[:, b0:b1], alpha, a[:, layout.metallic:layout.metallic + 1],
-                                              a[:, layout.roughness:layout.roughness + 1]], 1)
+        vals = [a[:, b0:b1], alpha, a[:, layout.metallic:layout.metallic + 1],
+                a[:, layout.roughness:layout.roughness + 1]]
+        img[texels[s:s + chunk]] = torch.cat(vals + [enc] if normal_map else vals, 1)
         if progress:
             progress(n + 1, total)
     mask = torch.zeros(size * size, dtype=torch.bool, device=device)
@@ -110,16 +130,17 @@ def bake_textures(
     mask = mask.view(size, size)
     coverage = float(mask.float().mean())
     t0 = time.perf_counter()
-    filled = fill_outside(img, mask, dilation)  # all 6 channels at once: the frontier work is shared
+    filled = fill_outside(img, mask, dilation)  # all 6 (9) channels at once: the frontier work is shared
     secs["fill"] = time.perf_counter() - t0
     del img
-    color, mr = filled[..., :4], filled[..., 4:]
+    color, mr = filled[..., :4], filled[..., 4:6]
+    normal = _to_u8(renormalize_encoded(filled[..., 6:9])) if normal_map else None
     base = _to_u8(color)
     zeros = torch.zeros(size, size, 1, device=device)
     mr_img = _to_u8(torch.cat([zeros, mr[..., 1:2], mr[..., 0:1]], -1))  # R 0, G roughness, B metallic
     log.info("bake: %dx%d, %d faces, coverage %.1f%%, seconds: %s", size, size, mesh.num_faces, 100 * coverage,
              ", ".join(f"{k} {v:.2f}" for k, v in secs.items()))
-    return PBRMaps(base_color=base, metallic_roughness=mr_img)
+    return PBRMaps(base_color=base, metallic_roughness=mr_img, normal=normal)
 
 
 def _to_u8(x: torch.Tensor) -> np.ndarray:

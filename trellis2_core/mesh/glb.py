@@ -5,10 +5,14 @@ PBRMaps. trimesh stores UVs with v up and flips them on export, so we hand it 1 
 Textures are PNG by default (lossless); webp=True writes them as WebP (EXT_texture_webp, required by the file;
 Pillow's default lossy quality 80, ~5-10x smaller). Bytes are written to a temporary file in the destination folder
 and moved into place (rename), so a crash never leaves a half-written GLB and nothing is written anywhere else.
+With a normal map the material gets normalTexture and the primitive NORMAL and TANGENT (glTF: viewers must then use
+the given tangents, the ones the map was baked in). trimesh writes extra vertex attributes only under an underscore
+name, so the tangents go in as `_TANGENT` and the JSON chunk is patched to the standard `TANGENT` afterwards.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -17,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from .mesh import Mesh
+from .mesh import Mesh, vertex_normals
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,18 @@ def glb_bytes(mesh: Mesh, *, alpha_mode: str = "OPAQUE", alpha_cutoff: float = 0
     v = mesh.vertices.detach().cpu().numpy().astype(np.float32)
     f = mesh.faces.detach().cpu().numpy().astype(np.int64)
     kw = {}
-    if mesh.normals is not None:
-        kw["vertex_normals"] = mesh.normals.detach().cpu().numpy().astype(np.float32)
+    normals = mesh.normals
+    has_normal_map = mesh.maps is not None and mesh.maps.normal is not None
+    if has_normal_map:
+        from .normal_map import vertex_tangents
+
+        # glTF ignores TANGENT without NORMAL (flat normals then): a normal map needs both
+        normals = normals if normals is not None else vertex_normals(mesh.vertices, mesh.faces)
+        tangents = mesh.tangents if mesh.tangents is not None else \
+            vertex_tangents(mesh.vertices, mesh.faces, mesh.uvs, normals)
+        kw["vertex_attributes"] = {"_TANGENT": tangents.detach().cpu().numpy().astype(np.float32)}
+    if normals is not None:
+        kw["vertex_normals"] = normals.detach().cpu().numpy().astype(np.float32)
     if mesh.maps is not None:
         maps = mesh.maps
         if mode == "AUTO":
@@ -76,7 +90,30 @@ def glb_bytes(mesh: Mesh, *, alpha_mode: str = "OPAQUE", alpha_cutoff: float = 0
         kw["visual"] = trimesh.visual.TextureVisuals(uv=np.stack([uv[:, 0], 1.0 - uv[:, 1]], 1))
     tm = trimesh.Trimesh(vertices=v, faces=f, process=False, validate=False, **kw)
     scene = trimesh.Scene(tm)
-    return trimesh.exchange.gltf.export_glb(scene, include_normals=mesh.normals is not None, extension_webp=bool(webp))
+    data = trimesh.exchange.gltf.export_glb(scene, include_normals=normals is not None, extension_webp=bool(webp))
+    return _rename_attribute(data, "_TANGENT", "TANGENT") if has_normal_map else data
+
+
+def _rename_attribute(glb: bytes, old: str, new: str) -> bytes:
+    """Rename a primitive attribute in a GLB's JSON chunk (the binary chunk is unchanged)."""
+    length = int.from_bytes(glb[12:16], "little")
+    if glb[:4] != b"glTF" or glb[16:20] != b"JSON":
+        raise RuntimeError("glb: trimesh produced an unexpected GLB layout (no JSON chunk first)")
+    doc = json.loads(glb[20:20 + length])
+    found = 0
+    for m in doc.get("meshes", []):
+        for prim in m.get("primitives", []):
+            attrs = prim.get("attributes", {})
+            if old in attrs:
+                attrs[new] = attrs.pop(old)
+                found += 1
+    if not found:
+        raise RuntimeError(f"glb: attribute {old!r} is missing from trimesh's output; cannot write {new}")
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 4)                      # chunks are 4-byte aligned, JSON padded with spaces
+    rest = glb[20 + length:]
+    body = len(text).to_bytes(4, "little") + b"JSON" + text + rest
+    return glb[:8] + (12 + len(body)).to_bytes(4, "little") + body
 
 
 def export_glb(mesh: Mesh, path: str | os.PathLike, *, overwrite: bool = False, **options) -> Path:

@@ -41,6 +41,12 @@ class PBRMaps:
                 got = f"{type(arr).__name__} {getattr(arr, 'dtype', '')} {getattr(arr, 'shape', '')}"
                 raise InputError(f"PBRMaps.{name}: expected a uint8 numpy array [H, W, {ch}], got {got}; "
                                  "bake textures with trellis2_core.mesh.bake.bake_textures")
+        n = self.normal
+        if n is not None and not (isinstance(n, np.ndarray) and n.dtype == np.uint8 and n.ndim == 3
+                                  and n.shape[2] == 3):
+            raise InputError(f"PBRMaps.normal: expected None or a uint8 numpy array [H, W, 3], got "
+                             f"{type(n).__name__} {getattr(n, 'dtype', '')} {getattr(n, 'shape', '')}; bake it "
+                             "with bake_textures(..., normal_map=True)")
 
     @property
     def uses_alpha(self) -> bool:
@@ -55,7 +61,10 @@ class Mesh:
     vertices: [V, 3] float32 (CPU or any device). faces: [F, 3] int64, indices into vertices.
     normals: optional [V, 3] float32, unit length. uvs: optional [V, 2] float32 in [0, 1] (glTF convention, see
     the module docstring); a vertex on a UV seam is duplicated, so uvs are per vertex.
-    maps: optional PBRMaps (needs uvs). Frozen: steps return new meshes and never mutate their input.
+    maps: optional PBRMaps (needs uvs).
+    tangents: optional [V, 4] float32 glTF tangents (xyz unit, towards +u; w = +-1 handedness, see normal_map.py),
+    set when a normal map is baked: the map is only valid with exactly these tangents.
+    Frozen: steps return new meshes and never mutate their input.
     """
 
     vertices: torch.Tensor
@@ -63,6 +72,7 @@ class Mesh:
     normals: torch.Tensor | None = None
     uvs: torch.Tensor | None = None
     maps: PBRMaps | None = None
+    tangents: torch.Tensor | None = None
 
     def __post_init__(self):
         v, f = self.vertices, self.faces
@@ -74,7 +84,7 @@ class Mesh:
         if f.numel() and (int(f.min()) < 0 or int(f.max()) >= v.shape[0]):
             raise InputError(f"Mesh.faces: indices must lie in [0, {v.shape[0]}), got [{int(f.min())}, "
                              f"{int(f.max())}]; the faces do not belong to these vertices")
-        for name, t, c in (("normals", self.normals, 3), ("uvs", self.uvs, 2)):
+        for name, t, c in (("normals", self.normals, 3), ("uvs", self.uvs, 2), ("tangents", self.tangents, 4)):
             if t is not None and not (isinstance(t, torch.Tensor) and t.shape == (v.shape[0], c)
                                       and t.dtype == torch.float32):
                 raise InputError(f"Mesh.{name}: expected a float32 tensor [{v.shape[0]}, {c}] (one row per "
@@ -87,7 +97,7 @@ class Mesh:
     def from_numpy(cls, vertices, faces, **kw) -> "Mesh":
         """Build from array-likes, converting dtypes (vertices -> float32, faces -> int64)."""
         conv = {k: (None if a is None else torch.as_tensor(np.asarray(a), dtype=torch.float32))
-                for k, a in kw.items() if k in ("normals", "uvs")}
+                for k, a in kw.items() if k in ("normals", "uvs", "tangents")}
         return cls(torch.as_tensor(np.asarray(vertices), dtype=torch.float32),
                    torch.as_tensor(np.asarray(faces), dtype=torch.int64),
                    maps=kw.get("maps"), **conv)
@@ -107,7 +117,7 @@ class Mesh:
     def to(self, device) -> "Mesh":
         """Move every tensor to `device` (the maps stay numpy)."""
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Mesh(mv(self.vertices), mv(self.faces), mv(self.normals), mv(self.uvs), self.maps)
+        return Mesh(mv(self.vertices), mv(self.faces), mv(self.normals), mv(self.uvs), self.maps, mv(self.tangents))
 
 
 def zup_to_yup(points: torch.Tensor) -> torch.Tensor:
@@ -124,15 +134,24 @@ def yup_to_zup(points: torch.Tensor) -> torch.Tensor:
 
 
 def mesh_zup_to_yup(mesh: Mesh) -> Mesh:
-    """The whole mesh (vertices and normals) from the engine frame to glTF's; UVs and maps unchanged."""
+    """The whole mesh (vertices, normals, tangents' xyz) from the engine frame to glTF's; UVs and maps unchanged
+    (a rotation keeps the tangents' handedness w)."""
     return mesh.replace(vertices=zup_to_yup(mesh.vertices).contiguous(),
-                        normals=None if mesh.normals is None else zup_to_yup(mesh.normals).contiguous())
+                        normals=None if mesh.normals is None else zup_to_yup(mesh.normals).contiguous(),
+                        tangents=_rotate_tangents(mesh.tangents, zup_to_yup))
 
 
 def mesh_yup_to_zup(mesh: Mesh) -> Mesh:
     """The whole mesh from glTF's frame (the MESH socket, GLB files) to the engine's Z-up frame."""
     return mesh.replace(vertices=yup_to_zup(mesh.vertices).contiguous(),
-                        normals=None if mesh.normals is None else yup_to_zup(mesh.normals).contiguous())
+                        normals=None if mesh.normals is None else yup_to_zup(mesh.normals).contiguous(),
+                        tangents=_rotate_tangents(mesh.tangents, yup_to_zup))
+
+
+def _rotate_tangents(tangents, rotate):
+    if tangents is None:
+        return None
+    return torch.cat([rotate(tangents[:, :3]), tangents[:, 3:]], 1).contiguous()
 
 
 def face_normals(vertices: torch.Tensor, faces: torch.Tensor, normalize: bool = True) -> torch.Tensor:

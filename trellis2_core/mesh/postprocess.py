@@ -21,6 +21,8 @@ from ..ovoxel.ovoxel import OVoxel
 from .bake import AttributeLayout, bake_textures
 from .decimate import decimate
 from .mesh import Mesh, mesh_zup_to_yup, vertex_normals
+from .normal_map import with_tangents
+from .orient import orient_faces
 from .repair import RepairReport, repair_mesh
 from .uv import unwrap
 
@@ -52,6 +54,7 @@ def textured_mesh(
     layout: AttributeLayout = AttributeLayout(),
     repair_options: dict | None = None,
     progress=None,
+    normal_map: bool = False,
 ) -> tuple[Mesh, PostprocessReport]:
     """Decoded engine-frame mesh + voxel PBR attributes -> (glTF Y-up Mesh with UVs, normals and maps, report).
 
@@ -62,6 +65,9 @@ def textured_mesh(
     project: sample at the closest point of the repaired full-resolution surface (what the reference does).
     repair_options: keyword arguments for repair_mesh (defaults: reference's hole perimeter 0.03, area 1e-5).
     progress: optional callable(done, total) over the 4 stages.
+    normal_map: also bake a tangent-space normal map of the repaired full-resolution surface (the projection
+    reference; flat where there is none: project=False, reuse_uvs, or no decimation) and attach the tangents it was
+    baked in (Mesh.tangents, exported as glTF TANGENT).
     """
     rep = PostprocessReport(repair=RepairReport(), faces_in=mesh.num_faces)
     tick = time.perf_counter()
@@ -89,7 +95,10 @@ def textured_mesh(
     rep.faces_repaired = full.num_faces if full is not None else mesh.num_faces
     stage("unwrap", 3)
     ref = full if (project and full is not None and full.num_faces != work.num_faces) else None
-    maps = bake_textures(work, field_, resolution, texture_size=texture_size, reference=ref, layout=layout)
+    if normal_map:
+        work = with_tangents(work)
+    maps = bake_textures(work, field_, resolution, texture_size=texture_size, reference=ref, layout=layout,
+                         normal_map=normal_map)
     stage("bake", 4)
     out = mesh_zup_to_yup(work.replace(maps=maps))
     rep.faces_out, rep.vertices_out = out.num_faces, out.num_vertices
@@ -106,13 +115,16 @@ def bake_ovoxel(
     project_to_surface: bool = True,
     reuse_uvs: bool = False,
     progress=None,
+    normal_map: bool = False,
 ) -> Mesh:
     """``mesh`` (engine Z-up frame) with UVs and PBR maps baked from ``ovoxel``'s attributes; same surface and
     positions, but unwrapping (not ``reuse_uvs``) splits vertices along UV seams and drops zero-area faces.
 
     Unwraps (or keeps the mesh's UVs with ``reuse_uvs``), then samples the voxel attributes per texel, at the closest
     point of the O-Voxel's own decoded surface when ``project_to_surface`` (what the reference does after remeshing
-    and decimation, SPEC 15 step 4). Returns a new Mesh in the engine frame.
+    and decimation, SPEC 15 step 4). ``normal_map``: also bake a tangent-space normal map of that decoded surface
+    (its winding made consistent first; flat without ``project_to_surface``) and attach the tangents it was baked
+    in. Returns a new Mesh in the engine frame.
     """
     if not isinstance(ovoxel, OVoxel) or ovoxel.attributes is None:
         raise InputError(
@@ -133,13 +145,18 @@ def bake_ovoxel(
         roughness=lay["roughness"].start, alpha=None if alpha is None else alpha.start,
     )  # fmt: skip
     work = unwrap(mesh, texture_size=texture_size, reuse_existing=reuse_uvs)
+    if normal_map:
+        work = with_tangents(work)
     reference = None
     if project_to_surface:
         vertices, faces = ovoxel.to_mesh()
+        if normal_map and faces.shape[0]:
+            # the decoded surface has arbitrary winding (SPEC 10): orient it so its vertex normals do not cancel
+            faces = torch.from_numpy(orient_faces(vertices.cpu().numpy(), faces.cpu().numpy())[0]).to(faces.device)
         reference = Mesh(vertices.float(), faces.long()) if faces.shape[0] else None
     field_ = VoxelAttributeField(ovoxel.coords, ovoxel.attributes.float())
     maps = bake_textures(
         work, field_, ovoxel.resolution, texture_size=texture_size, reference=reference, layout=layout,
-        aabb_min=float(lo[0]), aabb_size=float(sizes.pop()), progress=progress,
+        aabb_min=float(lo[0]), aabb_size=float(sizes.pop()), progress=progress, normal_map=normal_map,
     )  # fmt: skip
     return work.replace(maps=maps)
