@@ -105,15 +105,19 @@ class Trellis2UVBake(io.ComfyNode):
                                          "the reference does (sharper after strong decimation). Off: at the mesh itself."),
                 io.Boolean.Input("reuse_existing_uvs", default=False,
                                  tooltip="Keep the mesh's own UVs if it has some inside [0, 1] instead of unwrapping anew."),
+                io.Boolean.Input("normal_map", default=False,
+                                 tooltip="Also bake a tangent-space normal map of the full-resolution decoded surface "
+                                         "(detail a decimated mesh lost); needs project_to_surface. The GLB then carries "
+                                         "tangents and a normal texture."),
             ],
             outputs=[io.Mesh.Output(display_name="mesh")],
         )  # fmt: skip
 
     @classmethod
-    def execute(cls, mesh, o_voxel, texture_size, project_to_surface, reuse_existing_uvs) -> io.NodeOutput:
+    def execute(cls, mesh, o_voxel, texture_size, project_to_surface, reuse_existing_uvs, normal_map=False) -> io.NodeOutput:
         engine_mesh = mesh_socket.to_engine_frame(mesh_socket.from_comfy(mesh))
         textured = bake_ovoxel(engine_mesh, o_voxel, texture_size=texture_size, project_to_surface=project_to_surface,
-                               reuse_uvs=reuse_existing_uvs, progress=progress_bar())  # fmt: skip
+                               reuse_uvs=reuse_existing_uvs, normal_map=normal_map, progress=progress_bar())  # fmt: skip
         return io.NodeOutput(mesh_socket.to_comfy(mesh_socket.from_engine_frame(textured)))
 
 

@@ -308,6 +308,10 @@ else:
         # constant voxel colour (0.2, 0.6, 0.4): every texel ends up that colour (charts sampled, the rest filled)
         assert np.abs(ours.maps.base_color[..., :3].astype(int) - [51, 153, 102]).max() <= 2
         assert int(ours.maps.metallic_roughness[..., 1].mean()) == 128  # roughness 0.5 in G
+        assert ours.maps.normal is None  # off by default
+        (with_normals,) = mesh_nodes.Trellis2UVBake.execute(small, ov, 64, True, False, True).result
+        nm = mesh_socket.from_comfy(with_normals).maps.normal
+        assert nm is not None and nm.shape == (64, 64, 3) and nm[..., 2].mean() > 128  # tangent-space: mostly +Z
         with pytest.raises(InputError, match="no PBR attributes"):
             mesh_nodes.Trellis2UVBake.execute(small, _block_ovoxel(attributes=False), 64, True, False)
 

@@ -10,7 +10,7 @@ the GPU, then xatlas per chart.
 
 Output UVs follow glTF (origin top-left, v down; see mesh.py); vertices are split along seams. xatlas lays out some
 charts mirrored (its fix_winding option does not change that); harmless for the baked colour/material maps, which
-are sampled per texel in 3D, but a tangent-space normal map would need per-chart handedness (glTF TANGENT.w).
+are sampled per texel in 3D; the normal map handles it with per-vertex tangent handedness (normal_map.py, TANGENT.w).
 """
 
 from __future__ import annotations
