@@ -161,7 +161,9 @@ else:
         images, masks = _views(1)
         return generation.Trellis2Conditioning.execute(model, images, mask=masks, mask_convention=LOADIMAGE, resolutions="512").result[0]
 
-    def test_retexture_keeps_geometry_in_the_user_frame_and_is_deterministic(model, cond, grid64):
+    def test_retexture_keeps_geometry_in_the_user_frame_and_is_deterministic(model, cond, grid64, monkeypatch):
+        # Newer ComfyUI (0.18+) throttles progress updates closer than 0.1 s; tiny-model steps are faster than that.
+        monkeypatch.setattr(comfy.utils, "PROGRESS_THROTTLE_MIN_INTERVAL", 0, raising=False)
         box = _thin_box()
         core = mesh_socket.to_comfy(_engine(box))
         verts_before, tokens_before = core.vertices.clone(), cond.tokens[512].clone()

@@ -64,9 +64,14 @@ def _known_missing(url: str) -> bool:
     parts = urllib.parse.urlsplit(url)
     if parts.path in KNOWN_MISSING:
         return True
-    # Listing a per-user folder that a fresh user does not have yet (workflows/, subgraphs/).
-    folder = urllib.parse.parse_qs(parts.query).get("dir", [""])[0]
-    return parts.path == "/api/userdata" and folder in ("workflows", "subgraphs/")
+    query = urllib.parse.parse_qs(parts.query)
+    # Listing a per-user folder that a fresh user does not have yet (workflows/, subgraphs/; newer frontends
+    # ask without the slash).
+    folder = query.get("dir", [""])[0]
+    if parts.path == "/api/userdata" and folder in ("workflows", "subgraphs", "subgraphs/"):
+        return True
+    # Newer frontends preview LoadImage's default example.png, which ComfyUI ships in its own input/ only.
+    return parts.path == "/api/view" and query.get("filename") == ["example.png"] and query.get("type") == ["input"]
 
 
 @pytest.fixture(scope="module")
