@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models as M  # noqa: E402
+from _timing import cuda_time  # noqa: E402
 
 from trellis2.kernels import sparse_conv as spconv  # noqa: E402
 from trellis2.trellis2_core.pipeline.decode import decode_material, decode_shape  # noqa: E402
@@ -53,21 +53,6 @@ def emit(line: str, **row) -> None:
     print(line, flush=True)
     if row:
         LOG.append(row)
-
-
-def cuda_time(fn, reps: int = 10, warm: int = 2) -> float:
-    """Median seconds of ``fn`` over ``reps`` runs, timed with CUDA events."""
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(ts)
 
 
 def matmul_ceiling() -> float:

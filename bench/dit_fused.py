@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import cuda_time  # noqa: E402
 from dit_forward import build, sparse_input  # noqa: E402
 
 from trellis2.kernels import dit_norm  # noqa: E402
@@ -32,17 +32,7 @@ from trellis2.trellis2_core.nn.transformer import compile_blocks  # noqa: E402
 
 
 def cuda_ms(fn, reps=5, warm=2):
-    for _ in range(warm):
-        fn()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    return cuda_time(fn, reps=reps, warm=warm) * 1e3
 
 
 def kernels(fn):

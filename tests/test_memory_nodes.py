@@ -6,9 +6,7 @@ The outer test re-runs this file under the ComfyUI install's interpreter with ``
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,15 +16,9 @@ if not INNER:
 
     @pytest.mark.slow
     def test_memory_node_suite_inside_comfyui_python():
-        from comfy_harness import comfyui_python, find_comfyui
+        from comfy_harness import run_inner_suite
 
-        folder = find_comfyui()
-        env = {**os.environ, "TRELLIS2_NODES_INNER": "1", "TRELLIS2_COMFYUI_DIR": str(folder),
-               "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}  # fmt: skip
-        cmd = [comfyui_python(folder), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
-        done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"inner tests failed:\n{done.stdout[-8000:]}\n{done.stderr[-3000:]}"
-        assert " passed" in done.stdout, done.stdout[-2000:]
+        run_inner_suite(__file__, timeout=600, allow_skips=True)
 
 else:
     sys.path.insert(0, os.environ["TRELLIS2_COMFYUI_DIR"])
@@ -38,7 +30,6 @@ else:
     import torch
 
     from trellis2.nodes import generation
-    from trellis2.nodes import model_management as mgmt
     from trellis2.trellis2_core.errors import InputError
     from trellis2.trellis2_core.models.decoder_chunking import decoder_chunk_rows
     from trellis2.trellis2_core.nn.streaming import streamer_of

@@ -9,28 +9,20 @@ call the node classes' ``execute`` directly with the tiny random snapshot (offic
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 INNER = os.environ.get("TRELLIS2_NODES_INNER") == "1"
 
 if not INNER:
 
     @pytest.mark.slow
     def test_node_unit_suite_inside_comfyui_python():
-        from comfy_harness import comfyui_python, find_comfyui
+        from comfy_harness import run_inner_suite
 
-        folder = find_comfyui()
-        env = {**os.environ, "TRELLIS2_NODES_INNER": "1", "TRELLIS2_COMFYUI_DIR": str(folder),
-               "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}  # fmt: skip
-        cmd = [comfyui_python(folder), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__))]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-        assert done.returncode == 0, f"inner node tests failed:\n{done.stdout[-8000:]}\n{done.stderr[-3000:]}"
-        assert " passed" in done.stdout and "skipped" not in done.stdout.split("\n")[-2], done.stdout[-2000:]
+        run_inner_suite(__file__, timeout=1200)
 
 else:
     sys.path.insert(0, os.environ["TRELLIS2_COMFYUI_DIR"])
