@@ -173,3 +173,75 @@ def test_triton_rejects_layouts_it_does_not_take():
         dit_norm.residual_norm(x.transpose(1, 2), backend="triton")  # channels not contiguous
     auto = dit_norm.residual_norm(x.transpose(1, 2))[1]  # auto quietly runs the reference
     assert torch.equal(auto, reference.residual_norm(x.transpose(1, 2))[1])
+
+
+# ------------------------------------------------------------------------------------- Triton interpreter (CPU)
+_INTERP_SCRIPT = r"""
+import itertools, sys
+import torch
+from trellis2.kernels.dit_norm import reference as R, triton as T
+TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+MISMATCH = {torch.float32: 1.0, torch.float16: 0.02, torch.bfloat16: 0.02}
+bad = []
+def check(out, ref, what):
+    err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+    frac = (out != ref).float().mean().item()
+    if out.shape != ref.shape or out.dtype != ref.dtype or err > TOL[ref.dtype] or frac > MISMATCH[ref.dtype]:
+        bad.append(f"{what}: rel err {err:.2e}, {frac:.2%} differ")
+g = torch.Generator().manual_seed(0)
+n = 0
+for dt, c, m in itertools.product((torch.float32, torch.bfloat16, torch.float16), (7, 64, 1536), (1, 3, 37)):
+    x, y = (torch.randn(m, c, generator=g).to(dt) for _ in range(2))
+    vec = torch.randn(m, 3 * c, generator=g).to(dt).chunk(3, -1)  # per-token vectors: strided views
+    item = torch.randn(1, 3 * c, generator=g).to(dt).unsqueeze(1).chunk(3, -1)  # [1, 1, C] per item
+    w, b = torch.randn(c, generator=g), torch.randn(c, generator=g)
+    cases = [(x, None, None, True, dict(shift=vec[0], scale=vec[1]), None),  # (a) norm1 + modulation
+             (x, y, vec[2], True, dict(weight=w, bias=b), None),  # (b) gated residual + norm2
+             (x, y, vec[2], True, dict(weight=w, bias=b), 4),  # (b) with a 4-row tile crossing the end of x
+             (x, y, None, True, dict(shift=vec[0], scale=vec[1]), None),  # (c) no gate
+             (x, y, vec[2], False, {}, None),  # (d) residual only
+             (x, y, None, True, dict(scale=vec[1]), 2),
+             (x.view(1, m, c), y.view(1, m, c), item[2], True, dict(shift=item[0], scale=item[1]), None)]
+    for xx, yy, gg, norm, kw, bm in cases:
+        assert T.supported_residual_norm(xx, yy, gg, **kw)
+        want = R.residual_norm(xx, yy, gg, norm=norm, **kw)
+        bm = bm or (None if m < 8 else 16)  # the interpreter runs programs one by one: few, big ones at M=37
+        got = T.residual_norm(xx, yy, gg, norm=norm, block_m=bm, **kw)
+        what = f"residual {dt} C={c} M={m} {sorted(kw)} y={yy is not None} g={gg is not None} bm={bm}"
+        check(got[0], want[0], what + " x_new")
+        assert (got[1] is None) == (want[1] is None)
+        if norm:
+            check(got[1], want[1], what + " h")
+        n += 1
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+for dt, h, d, m in itertools.product(DTYPES, (1, 3, 12), (8, 10, 128), (1, 3, 37)):
+    q = (torch.randn(m, 3, h, d, generator=g) * 3).to(dt)[:, 0]  # strided rows out of a fused qkv
+    gamma = torch.rand(h, d, generator=g) + 0.5
+    ph = torch.polar(torch.ones(m, d // 2), torch.rand(m, d // 2, generator=g) * 6.283)
+    both = torch.cat([q, q]).view(2, m, h, d)  # phases [L, D/2] broadcast over the batch
+    for x, phases, br in ((q, None, None if m * h < 8 else 32), (q, ph, 16), (both, ph, 4 if m * h < 8 else 64)):
+        assert T.supported_rms_norm_rope(x, gamma, phases)
+        got = T.rms_norm_rope(x, gamma, phases, block_r=br)
+        assert got.is_contiguous()
+        what = f"rope {dt} H={h} D={d} M={m} ph={phases is not None} br={br}"
+        check(got, R.rms_norm_rope(x, gamma, phases), what)
+        n += 1
+print("checked", n, "cases")
+if bad:
+    sys.exit("\n".join(bad[:20]))
+"""
+
+
+def test_triton_kernels_in_interpreter_match_reference(tmp_path):
+    """The Triton kernels run on CPU in Triton's interpreter (TRITON_INTERPRET=1 must be set before triton is
+    imported, hence a subprocess) against the reference, awkward sizes, every dtype, strided views."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-c", _INTERP_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "checked" in proc.stdout
