@@ -1,0 +1,208 @@
+"""CUDA-graph replay of a velocity model across the steps of one sampling loop (issue 7: the small-token regime).
+
+Why: the sampler calls one flow model 12-22 times per stage on inputs of unchanging shapes. At ~3k tokens the
+eager forward is bound by the host, not the GPU: ~740 kernel launches through Python took 75 ms where the GPU
+needed 23 ms (H100, SLat DiT, 2,984 tokens, batch 1, ``bench/dit_probe.py``). A captured graph launches them all
+at once; at 12k+ tokens the GPU is the bottleneck and replay changes nothing (nor costs anything).
+
+How: ``GraphedModel(model)`` is called like the model, ``(x, t, cond, **kwargs)``. Calls are grouped by a key: the
+type, shape and dtype of every tensor argument, the coordinates (by identity) of every SparseTensor and the
+identity of every other argument. The first call of a key runs eagerly: it creates the model's lazy state for
+those inputs (Triton compilation, cuDNN plans for the shapes, the RoPE/varlen/batch-offset entries of the
+coordinate cache, module-level caches), which must not be created inside a capture (some of it synchronises
+with the host, and a capture that fails can leave the caching allocator routing into the graph's pool). The
+second call captures a graph over static input buffers and replays it; later calls copy their inputs into those
+buffers and replay. A capture that fails anyway is logged, and graphs stay off for the rest of the process (the
+failure may leave torch's allocator routing the capture stream into the graph's pool). Outputs are copied out of the
+graph's memory (the sampler holds the conditional velocity while computing the unconditional one). All graphs of
+one wrapper share one memory pool, and since ``torch.cuda.graph`` empties the allocator's cache before capturing,
+the peak stays that of an eager forward; ``close()`` (or leaving ``with``) frees the graphs and their pool.
+
+Only where it is safe: CUDA inputs; every parameter and buffer of the model on that device (not block-streamed
+from CPU memory, not partially loaded by ComfyUI's low-VRAM mode); not inside another capture. A capture that
+fails is logged and its key runs eagerly from then on. Replays run the same kernels as eager calls, so results
+are the same bit for bit (checked on the GPU in tests/test_cuda_graphs.py).
+
+Switch: ``GraphedModel(model, enabled=False)``, or the environment variable ``TRELLIS2_CUDA_GRAPHS=0`` (read on
+every call).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable
+
+import torch
+
+from ..sparse import SparseTensor
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "TRELLIS2_CUDA_GRAPHS"
+_EAGER = object()  # marks a key whose capture failed
+_DISABLED: list[str] = []  # set after a failed capture: no more captures in this process (see _capture)
+
+
+def graphs_enabled() -> bool:
+    """False when the environment variable TRELLIS2_CUDA_GRAPHS is "0", "off", "false" or "no" (call time)."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+class GraphedModel:
+    """A velocity model whose repeated same-shape calls replay a CUDA graph; see the module docstring."""
+
+    def __init__(self, model: Callable[..., Any], *, enabled: bool = True):
+        self.model = model
+        self.enabled = enabled
+        self.captures = 0
+        self.replays = 0
+        self.failed_captures = 0
+        self._entries: dict[tuple, Any] = {}
+        self._seen: set[tuple] = set()
+        self._resident: dict[torch.device, bool] = {}
+        self._pool = None
+
+    def __enter__(self) -> GraphedModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free every graph and its memory (the wrapper still works afterwards, eagerly until it captures again)."""
+        self._entries.clear()
+        self._seen.clear()
+        self._pool = None
+
+    def __call__(self, x, t, cond, **kwargs):
+        if not self._can_capture(x):
+            return self.model(x, t, cond, **kwargs)
+        args = (x, t, cond) + tuple(kwargs.values())
+        key = (tuple(kwargs), *(_signature(v) for v in args))
+        entry = self._entries.get(key)
+        if entry is _EAGER:
+            return self.model(x, t, cond, **kwargs)
+        if entry is None:
+            if key not in self._seen:
+                self._seen.add(key)  # first call of this key: eager (see the module docstring)
+                return self.model(x, t, cond, **kwargs)
+            entry = self._capture(key, args, tuple(kwargs))
+            if entry is _EAGER:
+                return self.model(x, t, cond, **kwargs)
+        self.replays += 1
+        return entry.run(args)
+
+    def _can_capture(self, x) -> bool:
+        feats = x.feats if isinstance(x, SparseTensor) else x
+        if not (self.enabled and isinstance(feats, torch.Tensor) and feats.is_cuda and graphs_enabled()):
+            return False
+        if _DISABLED:
+            return False
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        return self._model_resident(feats.device)
+
+    def _model_resident(self, device: torch.device) -> bool:
+        """Every parameter and buffer of the model on ``device`` (checked once per device and wrapper)."""
+        if device not in self._resident:
+            model = self.model
+            ok = isinstance(model, torch.nn.Module) and getattr(model, "_trellis2_streamer", None) is None
+            if ok:
+                tensors = [*model.parameters(), *model.buffers()]
+                ok = all(p.device == device for p in tensors)
+            if not ok:
+                logger.debug("CUDA graphs off for %s: not wholly resident on %s", type(model).__name__, device)
+            self._resident[device] = ok
+        return self._resident[device]
+
+    def _capture(self, key: tuple, args: tuple, names: tuple[str, ...]):
+        """The key's entry, or _EAGER when capturing failed (logged; the key stays eager)."""
+        rng = _rng_snapshot(args[0])
+        try:
+            entry = _Entry(args)
+            entry.copy_in(args)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            static = entry.static
+            kwargs = dict(zip(names, static[3:]))
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                out = self.model(static[0], static[1], static[2], **kwargs)
+            entry.graph, entry.out = graph, out
+        except Exception as e:  # capture is an optimisation: any failure -> eager from now on, logged
+            # A failed capture may leave torch's allocator routing the capture stream into the graph's pool, so
+            # no further capture is tried in this process; eager calls on the compute stream are unaffected, and
+            # the CUDA random generator is put back (_rng_snapshot says why).
+            self.failed_captures += 1
+            _rng_restore(rng)
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            _DISABLED.append(reason)
+            logger.warning("CUDA graph capture of %s failed (%s); CUDA graphs are off for the rest of this process",
+                           type(self.model).__name__, reason)  # fmt: skip
+            self._entries[key] = _EAGER
+            return _EAGER
+        self.captures += 1
+        self._entries[key] = entry
+        return entry
+
+
+def _rng_snapshot(x):
+    """(generator, cloned state) of the device's default CUDA generator, or None (torch < 2.4).
+
+    Why: a capture registers that generator and puts it in capture mode; if the capture fails, torch never takes
+    it out again, and every later CUDA random draw in the process raises "Offset increment outside graph capture"
+    (H100, torch 2.11). Swapping in a state cloned before the capture undoes that."""
+    feats = x.feats if isinstance(x, SparseTensor) else x
+    index = feats.device.index if feats.device.index is not None else torch.cuda.current_device()
+    gen = torch.cuda.default_generators[index]
+    if not (hasattr(gen, "clone_state") and hasattr(gen, "graphsafe_set_state")):
+        return None
+    return gen, gen.clone_state()
+
+
+def _rng_restore(snapshot) -> None:
+    if snapshot is not None:
+        gen, state = snapshot
+        gen.graphsafe_set_state(state)
+
+
+def _signature(v: Any) -> tuple:
+    if isinstance(v, torch.Tensor):
+        return ("T", tuple(v.shape), v.dtype, v.device)
+    if isinstance(v, SparseTensor):
+        return ("S", tuple(v.feats.shape), v.feats.dtype, v.feats.device, id(v.coords), v.coords.data_ptr())
+    return ("O", id(v))
+
+
+class _Entry:
+    """Static inputs of one captured call, the graph, and its output (in the graph's memory)."""
+
+    def __init__(self, args: tuple):
+        self.keep = args  # holds the coordinates and other arguments the key names by identity
+        self.static = tuple(_static(v) for v in args)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: Any = None
+
+    def copy_in(self, args: tuple) -> None:
+        for dst, src in zip(self.static, args):
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src)
+            elif isinstance(dst, SparseTensor):
+                dst.feats.copy_(src.feats)
+
+    def run(self, args: tuple):
+        self.copy_in(args)
+        self.graph.replay()
+        out, x = self.out, args[0]
+        if isinstance(out, SparseTensor):
+            return x.replace(out.feats.clone()) if isinstance(x, SparseTensor) else out.replace(out.feats.clone())
+        return out.clone()
+
+
+def _static(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if isinstance(v, SparseTensor):
+        return v.replace(torch.empty(v.feats.shape, dtype=v.feats.dtype, device=v.feats.device))
+    return v
