@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from trellis2.trellis2_core.models import from_config
 from trellis2.trellis2_core.models.sparse_unet_vae import SparseResBlockC2S3d
+from trellis2.trellis2_core.nn.cuda_graphs import GraphedModel, _signature
 from trellis2.trellis2_core.pipeline import Components
 from trellis2.trellis2_core.sparse import SparseTensor
 from trellis2.trellis2_core.sparse.conv import SparseConv3d
@@ -188,6 +189,31 @@ class FlopCounter:
         n = (x.feats.shape[0] if isinstance(x, SparseTensor) else x[0, 0].numel()) / b
         c = model.config.model_channels
         self.flops += model.config.num_blocks * b * 4.0 * n * (n + length) * c
+
+
+class CountingGraphedModel(GraphedModel):
+    """GraphedModel whose replays add their FLOPs to ``COUNTER`` (a replay runs no Python, so no hooks fire).
+
+    The capture call runs the forward (hooks fire once) and is replayed once: that delta is the key's FLOPs.
+    bench_pipeline.py installs it as ``pipeline.guidance.GraphedModel`` (a module global, not library code)."""
+
+    counter: FlopCounter | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._flops: dict[tuple, float] = {}
+
+    def __call__(self, x, t, cond, **kwargs):
+        c = self.counter
+        f0, r0 = (c.flops if c else 0.0), self.replays
+        out = super().__call__(x, t, cond, **kwargs)
+        if c is not None and self.replays > r0:
+            key = (tuple(kwargs), *(_signature(v) for v in (x, t, cond, *kwargs.values())))
+            if c.flops > f0:
+                self._flops[key] = c.flops - f0
+            else:
+                c.flops += self._flops.get(key, 0.0)
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ stages

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ import _models as M  # noqa: E402
 from _timing import cuda_time  # noqa: E402
 
 from trellis2.kernels import sparse_conv as spconv  # noqa: E402
+from trellis2.trellis2_core.pipeline import guidance  # noqa: E402
 from trellis2.trellis2_core.pipeline.decode import decode_material, decode_shape  # noqa: E402
 from trellis2.trellis2_core.pipeline.material import sample_material  # noqa: E402
 from trellis2.trellis2_core.pipeline.shape import sample_shape  # noqa: E402
@@ -175,8 +177,15 @@ def main() -> None:
     ap.add_argument("--pinned", action="store_true", help="offload: keep a pinned CPU copy, upload from it")
     ap.add_argument("--no-kernels", action="store_true", help="skip the sparse-conv table")
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--repeat", type=int, default=1, help="run each type N times; the table is the median run's")
     ap.add_argument("--log", default=None, help="append rows as JSON lines to this file")
+    ap.add_argument("--no-graphs", action="store_true", help="sampling loops eager (TRELLIS2_CUDA_GRAPHS=0)")
+    ap.add_argument("--attention", default=None, help="SDPA backend (TRELLIS2_ATTENTION_BACKEND); default auto")
     args = ap.parse_args()
+    if args.no_graphs:
+        os.environ["TRELLIS2_CUDA_GRAPHS"] = "0"
+    if args.attention:
+        os.environ["TRELLIS2_ATTENTION_BACKEND"] = args.attention
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
     if args.vram_budget:
@@ -186,13 +195,16 @@ def main() -> None:
     ceiling = matmul_ceiling()
     torch.cuda.empty_cache()
     emit(f"# {props.name}, {props.total_memory / GIB:.0f} GiB, torch {torch.__version__}, triton {triton.__version__}, "
-         f"sparse-conv backend auto -> {spconv.resolve_backend(dev)}; bf16 mm ceiling {ceiling:.0f} TFLOP/s",
+         f"sparse-conv backend auto -> {spconv.resolve_backend(dev)}; bf16 mm ceiling {ceiling:.0f} TFLOP/s; "
+         f"CUDA graphs {'off' if args.no_graphs else 'on'}; attention {args.attention or 'auto'}",
          kind="device", name=props.name, ceiling=ceiling)  # fmt: skip
     if not args.no_kernels:
         conv_table(ceiling)
     policy = args.policy or ("offload" if args.vram_budget else "keep")
     loaders = {role: (lambda r=role: M.build(r, dev)) for role in M.ROLES}
     comps = M.TimedComponents(loaders, dev, policy=policy, pinned=args.pinned)
+    M.CountingGraphedModel.counter = comps.counter
+    guidance.GraphedModel = M.CountingGraphedModel  # replays run no hooks: count their FLOPs (see _models)
     gen = torch.Generator(device="cuda").manual_seed(1)
     cond = Conditioning(tokens={512: torch.randn(1, 1029, 1024, device=dev, generator=gen),
                                 1024: torch.randn(1, 4101, 1024, device=dev, generator=gen)})  # fmt: skip
@@ -203,7 +215,15 @@ def main() -> None:
     for ptype in args.types:
         torch.cuda.reset_peak_memory_stats()
         try:
-            info = run_pipeline(ptype, comps, cond)
+            runs = []
+            for _ in range(max(1, args.repeat)):
+                info = run_pipeline(ptype, comps, cond)
+                runs.append((info["wall"], info, list(comps.records)))
+            runs.sort(key=lambda r: r[0])
+            _, info, comps.records = runs[len(runs) // 2]
+            if len(runs) > 1:
+                emit(f"\n{ptype}: {len(runs)} runs, wall s " + " ".join(f"{w:.3f}" for w, _, _ in runs),
+                     kind="repeat", ptype=ptype, walls=[w for w, _, _ in runs])  # fmt: skip
             report(ptype, info, comps, ceiling, args.vram_budget)
         except torch.OutOfMemoryError as e:
             emit(f"\n## {ptype}: OOM ({str(e)[:200]})", kind="oom", ptype=ptype, budget=args.vram_budget)

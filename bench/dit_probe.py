@@ -1,0 +1,194 @@
+"""Where the DiT time goes on this GPU: SDPA backends, GEMM rates, eager vs CUDA-graph forwards, kernel mix.
+
+    python3 bench/dit_probe.py [--skip sdpa gemm forward]
+
+Prints three tables (full-size models from the manifests, random weights, token counts of bench_pipeline's shells):
+  sdpa     TFLOP/s of F.scaled_dot_product_attention per backend (flash / cudnn / efficient), self and cross shapes;
+  gemm     TFLOP/s of the DiT's Linear shapes (bf16, torch.nn.functional.linear) at its token counts;
+  forward  one flow-model forward: eager ms, CUDA-graph replay ms, sum of kernel times (profiler) and its split
+           by kernel family, TFLOP/s of the eager and graphed forward against a bf16 mm ceiling from the same run.
+Run from the repo root with the package importable as ``trellis2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _models as M  # noqa: E402
+from _timing import cuda_time  # noqa: E402
+
+from trellis2.trellis2_core.sparse import SparseTensor  # noqa: E402
+
+C, H, D, CTX = 1536, 12, 128, 1024
+SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
+
+
+def ceiling() -> float:
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return 2 * 8192**3 / cuda_time(lambda: torch.mm(a, b), reps=20, warm=5) / 1e12
+
+
+def sdpa_table(ceil: float) -> None:
+    print(f"\n## SDPA bf16, H={H}, D={D} (TFLOP/s; % of mm ceiling in brackets)")
+    print(f"{'B':>2} {'Lq':>6} {'Lk':>6} " + " ".join(f"{n:>14}" for n in SDPA))
+    for b, lq, lk in [(1, 2984, 2984), (2, 2984, 2984), (2, 4096, 4096), (1, 12512, 12512), (2, 12512, 12512),
+                      (2, 46624, 46624), (2, 4096, 1029), (2, 12512, 4101), (2, 46624, 4101)]:  # fmt: skip
+        q = torch.randn(b, H, lq, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(b, H, lk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        flops, cells = 4.0 * b * H * lq * lk * D, []
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float()) if lq * lk <= 12512 * 12512 else None
+        for name, be in SDPA.items():
+            try:
+                with sdpa_kernel([be]):
+                    out = F.scaled_dot_product_attention(q, k, v)
+                    t = cuda_time(lambda: F.scaled_dot_product_attention(q, k, v), reps=5 if lq > 20000 else 10)
+                err = "" if ref is None else f" e{((out.float() - ref).norm() / ref.norm()).item():.0e}"
+                cells.append(f"{flops / t / 1e12:6.0f} ({100 * flops / t / 1e12 / ceil:2.0f}%){err}")
+            except RuntimeError as e:
+                cells.append(f"{'n/a':>14}")
+                print(f"   {name}: {str(e).splitlines()[0][:100]}")
+        print(f"{b:2d} {lq:6d} {lk:6d} " + " ".join(f"{c:>14}" for c in cells), flush=True)
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+
+
+def gemm_table(ceil: float) -> None:
+    print("\n## Linear bf16 (x [M, K] @ W^T [K, N] + bias), TFLOP/s")
+    shapes = [(C, 3 * C), (C, C), (C, 8192), (8192, C), (CTX, 2 * C)]
+    print(f"{'M':>6} " + " ".join(f"{f'{k}->{n}':>11}" for k, n in shapes))
+    for m in [2984, 4096, 5968, 8192, 12512, 25024, 93248]:
+        cells = []
+        for k, n in shapes:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w, bias = torch.randn(n, k, device="cuda", dtype=torch.bfloat16), torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            t = cuda_time(lambda: F.linear(x, w, bias), reps=20, warm=3)
+            cells.append(f"{2 * m * k * n / t / 1e12:5.0f} ({100 * 2 * m * k * n / t / 1e12 / ceil:2.0f}%)")
+        print(f"{m:6d} " + " ".join(f"{c:>11}" for c in cells), flush=True)
+
+
+FAMILIES = [("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention", "cudnn")),
+            ("triton", ("triton", "_residual", "_rms")), ("elementwise", ("elementwise", "vectorized", "reduce", "copy", "cat"))]  # fmt: skip
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other"
+
+
+def forward_case(label: str, model, args, flops: float, ceil: float) -> None:
+    fn = lambda: model(*args)  # noqa: E731
+    with torch.no_grad():
+        eager = cuda_time(fn, reps=10, warm=3)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        fam, kernels = defaultdict(float), 0
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                fam[family(e.name)] += e.device_time / 1e3
+                kernels += 1
+        busy = sum(fam.values())
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        graphed = cuda_time(graph.replay, reps=10, warm=2)
+        del graph
+    split = " ".join(f"{k}={v:.1f}" for k, v in sorted(fam.items(), key=lambda kv: -kv[1]))
+    print(f"{label:<28} {kernels:6d} {eager * 1e3:8.2f} {graphed * 1e3:8.2f} {busy:8.2f} "
+          f"{flops / eager / 1e12:7.0f} {flops / graphed / 1e12:7.0f} {100 * flops / graphed / 1e12 / ceil:5.1f}  {split}",
+          flush=True)  # fmt: skip
+
+
+def forward_table(ceil: float) -> None:
+    dev = torch.device("cuda")
+    print("\n## flow forward (ms; busy = sum of kernel times; TF/s = counted matrix FLOPs / time)")
+    print(f"{'case':<28} {'kern':>6} {'eager':>8} {'graph':>8} {'busy':>8} {'TF/s_e':>7} {'TF/s_g':>7} {'%ceil':>5}  kernel ms by family")
+    counter = M.FlopCounter()
+    ss = M.build("sparse_structure_flow_model", dev)
+    counter.attach(ss)
+    for b in (1, 2):
+        x, t = torch.randn(b, 8, 16, 16, 16, device=dev), torch.full((b,), 800.0, device=dev)
+        cond = torch.randn(b, 1029, CTX, device=dev)
+        f0 = counter.flops
+        with torch.no_grad():
+            ss(x, t, cond)
+        forward_case(f"ss_flow 4096 B={b}", ss, (x, t, cond), counter.flops - f0, ceil)
+    del ss
+    torch.cuda.empty_cache()
+    sl = M.build("shape_slat_flow_model_512", dev)
+    counter.attach(sl)
+    for grid, rho, n_cond, bs in [(32, 0.36, 1029, (1, 2)), (64, 0.40, 4101, (1, 2))]:
+        coords1 = M.shell_coords(grid, rho, 0.0, dev)
+        for b in bs:
+            coords = torch.cat([torch.cat([torch.full_like(coords1[:, :1], i), coords1[:, 1:]], 1) for i in range(b)])
+            x = SparseTensor(torch.randn(coords.shape[0], 32, device=dev), coords)
+            t, cond = torch.full((b,), 800.0, device=dev), torch.randn(b, n_cond, CTX, device=dev)
+            f0 = counter.flops
+            with torch.no_grad():
+                sl(x, t, cond)
+            forward_case(f"slat {coords1.shape[0]} B={b}", sl, (x, t, cond), counter.flops - f0, ceil)
+    del sl
+    torch.cuda.empty_cache()
+
+
+def host_table() -> None:
+    """Where the host's time goes in one eager forward (launch-bound at small token counts)."""
+    import time
+
+    dev = torch.device("cuda")
+    ss = M.build("sparse_structure_flow_model", dev)
+    x, t, cond = torch.randn(1, 8, 16, 16, 16, device=dev), torch.full((1,), 800.0, device=dev), torch.randn(1, 1029, CTX, device=dev)
+    with torch.no_grad():
+        for _ in range(3):
+            ss(x, t, cond)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ss(x, t, cond)
+        host = time.perf_counter() - t0  # time to enqueue (the GPU runs behind)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            ss(x, t, cond)
+            torch.cuda.synchronize()
+    print(f"\n## host: enqueueing one eager ss_flow forward (B=1, 4096 tokens) took {host * 1e3:.1f} ms")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "gemm", "forward"])
+    ap.add_argument("--host", action="store_true", help="host-side (CPU) op costs of one eager SS forward, B=1")
+    args = ap.parse_args()
+    import triton
+
+    ceil = ceiling()
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+          f"cudnn {torch.backends.cudnn.version()}; bf16 mm ceiling {ceil:.0f} TFLOP/s", flush=True)  # fmt: skip
+    if "sdpa" not in args.skip:
+        sdpa_table(ceil)
+    if "gemm" not in args.skip:
+        gemm_table(ceil)
+    if "forward" not in args.skip:
+        forward_table(ceil)
+    if args.host:
+        host_table()
+
+
+if __name__ == "__main__":
+    main()
