@@ -64,6 +64,8 @@ def _known_missing(url: str) -> bool:
     parts = urllib.parse.urlsplit(url)
     if parts.path in KNOWN_MISSING:
         return True
+    if "trellis2_gone_00000_.glb" in parts.query:  # test_a_reopened_workflow_whose_glb_is_gone_shows_no_viewer
+        return True
     query = urllib.parse.parse_qs(parts.query)
     # Listing a per-user folder that a fresh user does not have yet (workflows/, subgraphs/; newer frontends
     # ask without the slash).
@@ -290,3 +292,37 @@ def test_deleting_the_nodes_releases_the_webgl_resources(page_run):
         assert info["disposed"] is True and info["inDocument"] is False
         assert info["memory"] == {"geometries": 0, "textures": 0}, f"{target['type']}: {info['memory']}"
         assert info["programs"] == 0
+
+
+def test_reopening_the_workflow_shows_the_last_glb_again(page_run):
+    """The last GLB is saved in the node's properties; a reopened workflow shows it again without running, and
+    the old viewers are released (exactly one live viewer per node)."""
+    result, _, _ = page_run
+    reopened = result["steps"]["reopened"]
+    saved = {p["type"]: p["glb"] for p in reopened["properties"]}
+    assert set(saved) == set(TARGETS), saved
+    assert saved["Trellis2ExportGLB"]["type"] == "output" and saved["Trellis2PreviewGLB"]["type"] == "temp"
+    first = {v["label"]: v for v in result["steps"]["viewers"]["found"]}
+    again = result["steps"]["reopenedViewers"]
+    assert again["live"] == len(TARGETS)
+    for target, info in zip(result["targets"], again["found"]):
+        label = f"node:{target['id']}"
+        assert info["label"] == label
+        old = first[label]
+
+        def file_of(url):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+            return tuple(query[k][0] for k in ("filename", "subfolder", "type"))
+
+        assert file_of(info["url"]) == file_of(old["url"]) == tuple(saved[target["type"]][k] for k in ("filename", "subfolder", "type"))
+        assert info["stats"]["vertices"] == old["stats"]["vertices"] and info["stats"]["faces"] == old["stats"]["faces"]
+
+
+def test_a_reopened_workflow_whose_glb_is_gone_shows_no_viewer(page_run):
+    result, _, _ = page_run
+    gone = result["steps"]["goneFile"]
+    assert result["steps"]["goneChecked"]["live"] == 0
+    said = [m["text"] for m in result["console"] if gone in m["text"]]
+    assert len(said) == len(TARGETS) and all("is gone (404)" in t and "run the node" in t for t in said), said
+    assert not any(gone in m["text"] for m in result["console"] if m["type"] == "error")
+    assert result["pageErrors"] == []

@@ -269,6 +269,24 @@ try {
   }
   mark("screenshots");
 
+  // Reopen the workflow (what loading a saved workflow or reloading the page does): the old nodes go, new ones
+  // are configured from the saved data, and each must show the GLB it showed before without running again.
+  result.steps.reopened = await page.evaluate(async () => {
+    const app = window.app;
+    const before = window.__trellis2Viewers.info().live.map((v) => ({ label: v.label, url: v.url }));
+    const saved = app.graph.serialize();
+    await app.loadGraphData(JSON.parse(JSON.stringify(saved)));
+    return { before, saved, properties: app.graph._nodes.filter((n) => n.properties?.trellis2_glb)
+      .map((n) => ({ id: n.id, type: n.type, glb: n.properties.trellis2_glb })) };
+  });
+  result.steps.reopenedViewers = await until(page, ({ ids }) => {
+    const live = window.__trellis2Viewers.info().live;
+    const found = ids.map((id) => live.filter((v) => v.label === `node:${id}`));
+    return found.every((v) => v.length === 1 && v[0].stats.vertices > 0 && v[0].renders > 0) &&
+      { found: found.map((v) => v[0]), live: live.length };
+  }, { ids: targets.map((t) => t.id) }, "viewers shown again after reopening the workflow", 60000);
+  mark("reopened");
+
   // Delete the nodes the way the UI does (graph.remove -> onRemoved): every viewer must release its resources.
   result.steps.removed = await page.evaluate(async (ids) => {
     const app = window.app;
@@ -284,6 +302,23 @@ try {
   }, targets.map((t) => t.id));
   result.targets = targets;
   mark("removed");
+
+  // A saved workflow whose GLB is gone (a Preview node's temp file after a restart): no viewer, no error.
+  const GONE = "trellis2_gone_00000_.glb";
+  result.steps.gone = await page.evaluate(async ({ data, gone }) => {
+    const app = window.app;
+    for (const node of data.nodes) {
+      if (node.properties?.trellis2_glb) node.properties.trellis2_glb = { ...node.properties.trellis2_glb, filename: gone };
+    }
+    await app.loadGraphData(data);
+    return { nodes: app.graph._nodes.length };
+  }, { data: result.steps.reopened.saved, gone: GONE });
+  // The check is one small request; give it time, then count viewers (polling for "nothing" proves nothing).
+  await until(page, () => window.__trellis2Viewers !== undefined, null, "the viewer registry", 10000);
+  await page.waitForTimeout(1500);
+  result.steps.goneChecked = await page.evaluate(() => ({ live: window.__trellis2Viewers.info().live.length }));
+  result.steps.goneFile = GONE;
+  mark("gone");
 } catch (error) {
   result.fatal = String(error.stack || error);
 } finally {

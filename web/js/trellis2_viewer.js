@@ -17,6 +17,11 @@
 //     /api/view?filename=<filename>&subfolder=<subfolder>&type=<type>
 // Running the node again with a new file replaces the asset (the old one is disposed); deleting the node
 // destroys the viewer and releases its WebGL context.
+//
+// Reopening: the last GLB shown is remembered in the node's properties (`trellis2_glb`, saved with the
+// workflow), so a reopened or reloaded workflow shows it again without re-running, as long as the file is
+// still there (checked first with a one-byte range request; temp files of Preview nodes go when ComfyUI restarts, and
+// then the node simply shows no viewer until it runs again).
 
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
@@ -27,6 +32,7 @@ const WIDGET_NAME = "trellis2_viewer";
 const MIN_HEIGHT = 300; // px; room for the toolbar, the model and the stats line
 const MIN_WIDTH = 360;
 const STATE = Symbol("trellis2.viewer");
+const PROPERTY = "trellis2_glb"; // node.properties key of the last GLB shown (saved in the workflow)
 
 /** The first GLB of a node's `ui` payload, normalised, or null when there is none. */
 function glbFromMessage(message) {
@@ -82,6 +88,22 @@ async function showGlb(node, item) {
   }
 }
 
+/** Show the GLB a saved workflow remembers for this node, if the server still has the file. */
+async function restoreGlb(node, item) {
+  try {
+    // One byte, not HEAD: Chromium reports ComfyUI's bodiless HEAD answers as aborted requests.
+    const response = await fetch(api.apiURL(viewRoute(item)), { headers: { Range: "bytes=0-0" }, cache: "no-store" });
+    if (!response.ok) {
+      console.info(`[TRELLIS.2] node ${node.id}: ${item.filename} is gone (${response.status}); run the node to see it again`);
+      return;
+    }
+  } catch (error) {
+    console.info(`[TRELLIS.2] node ${node.id}: could not check ${item.filename}:`, error);
+    return;
+  }
+  if (node.graph && !node[STATE]?.removed) await showGlb(node, item);
+}
+
 function destroyViewer(node) {
   const state = node[STATE];
   if (!state) return;
@@ -100,7 +122,20 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       const result = onExecuted ? onExecuted.apply(this, arguments) : undefined;
       const item = glbFromMessage(message);
-      if (item) showGlb(this, item);
+      if (item) {
+        this.properties = this.properties || {};
+        this.properties[PROPERTY] = { ...item }; // remembered with the workflow (see the header)
+        showGlb(this, item);
+      }
+      return result;
+    };
+
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure ? onConfigure.apply(this, arguments) : undefined;
+      const item = glbFromMessage({ glb: [this.properties?.[PROPERTY]] });
+      // After the graph has finished loading: DOM widgets need the node to be in the graph.
+      if (item && !this[STATE]) setTimeout(() => restoreGlb(this, item), 0);
       return result;
     };
 
