@@ -199,6 +199,11 @@ class ComfyComponents:
         """Whether guided steps may batch both CFG branches (the plan's choice; True without a plan)."""
         return True if self.plan is None else self.plan.batched_cfg
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether sampling loops may replay CUDA graphs (the plan's choice; True without a plan)."""
+        return True if self.plan is None else self.plan.cuda_graphs
+
     def _activation_bytes(self, role: str) -> int:
         if self.plan is None:
             return 0

@@ -398,3 +398,22 @@ def test_offload_of_a_component_that_is_not_a_module_uses_its_own_to():
     with comps.use("image_cond_model") as got:
         assert got is w
     assert w.moves == [torch.device("cpu")]
+
+
+def test_plan_allows_cuda_graphs_only_with_room_for_them(sizes):
+    from trellis2.trellis2_core.pipeline.components import cuda_graphs
+    from trellis2.trellis2_core.pipeline.memory import GRAPH_HEADROOM
+
+    for ptype in ("512", "1024_cascade"):  # official token counts: the DiT activations are small next to the weights
+        for budget in (None, 80, 12, 8):
+            assert plan_memory(sizes, "cuda", budget, pipeline_type=ptype, host_ram_bytes=HOST).cuda_graphs
+    # 65536 tokens under 8 GiB: one branch fits eagerly, but not with the graphs' extra half
+    p = plan_memory(sizes, "cuda", 8, pipeline_type="512", tokens=65536, host_ram_bytes=HOST)
+    dit = max((s for s in p.stages if sizes[s.role].kind == "dit"), key=lambda s: s.activation_bytes)
+    assert not p.stream_blocks and dit.total_bytes <= p.usable_bytes  # (the decoders are what does not fit here)
+    assert dit.weight_bytes + GRAPH_HEADROOM * dit.activation_bytes > p.usable_bytes and not p.cuda_graphs
+    assert "cuda_graphs False" in p.summary()
+    streamed = plan_memory(sizes, "cuda", 5, pipeline_type="512", tokens=65536, host_ram_bytes=HOST)
+    assert streamed.stream_blocks and not streamed.cuda_graphs
+    assert Components({}, "cpu", plan=p).cuda_graphs is False and cuda_graphs(Components({}, "cpu")) is True
+    assert cuda_graphs(object()) is True  # a component source without a plan (e.g. a user's own)

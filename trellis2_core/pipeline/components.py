@@ -79,6 +79,11 @@ class Components:
         """Whether guided steps may run both CFG branches as one batch (False when the plan needs the memory)."""
         return True if self.plan is None else self.plan.batched_cfg
 
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether sampling loops may replay CUDA graphs (False when the plan has no room for their memory)."""
+        return True if self.plan is None else self.plan.cuda_graphs
+
     def _streams(self, role: str) -> bool:
         return self.plan is not None and self.plan.stream_blocks and role in self.plan.stream_roles
 
@@ -162,3 +167,8 @@ def _tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
 def batched_cfg(components: ComponentSource) -> bool:
     """Whether guided steps may run both branches as one batch of two (True unless a memory plan says no)."""
     return bool(getattr(components, "batched_cfg", True))
+
+
+def cuda_graphs(components: ComponentSource) -> bool:
+    """Whether sampling loops may replay CUDA graphs (True unless a memory plan says no)."""
+    return bool(getattr(components, "cuda_graphs", True))

@@ -12,7 +12,7 @@ import torch
 
 from ..sampling import SamplerParams
 from . import rng
-from .components import ComponentSource, batched_cfg
+from .components import ComponentSource, batched_cfg, cuda_graphs
 from .guidance import run_sampler
 from ..weights import Normalization
 from .shape import denormalise, normalise
@@ -48,7 +48,7 @@ def sample_material(
         x = concat.replace(noise)  # same voxels: shares the neighbour caches
         out = run_sampler(
             flow, x, cond.at(cond_res), params, progress=progress, should_stop=should_stop, concat_cond=concat,
-            multiview_mode=cond.multiview_mode, batched_cfg=batched_cfg(components),
+            multiview_mode=cond.multiview_mode, batched_cfg=batched_cfg(components), cuda_graphs=cuda_graphs(components),
         )
     latent = out.replace(denormalise(out.feats.float(), tex_normalization))
     return MaterialLatent(latent=latent, resolution=shape.resolution, rng_state=generator.get_state())

@@ -191,6 +191,7 @@ class MemoryPlan:
     decoder_roles: tuple[str, ...] = SC_DECODERS
     stages: tuple[StageEstimate, ...] = ()
     fits: bool = True
+    cuda_graphs: bool = True  # sampling loops may replay CUDA graphs (GRAPH_HEADROOM more DiT activations)
 
     @property
     def peak_bytes(self) -> int:
@@ -200,7 +201,7 @@ class MemoryPlan:
         chunk = self.decoder_chunk_voxels or "off"
         budget = "none" if self.budget_bytes is None else f"{self.budget_bytes / GiB:.1f} GiB"
         return (f"{self.pipeline_type} budget {budget}: policy {self.policy}, stream_blocks {self.stream_blocks}, "
-                f"batched_cfg {self.batched_cfg}, decoder_chunk_voxels {chunk}; estimated peak "
+                f"batched_cfg {self.batched_cfg}, cuda_graphs {self.cuda_graphs}, decoder_chunk_voxels {chunk}; estimated peak "
                 f"{self.peak_bytes / GiB:.2f} GiB{'' if self.fits else ' (DOES NOT FIT)'}")  # fmt: skip
 
     def table(self) -> str:
@@ -326,7 +327,8 @@ def plan_memory(sizes: Any, device: torch.device | str, vram_budget: Any, *, pip
 
     keep = estimate("keep", True, False, None)
     if max(s.total_bytes for s in keep) <= usable:
-        return make("keep", True, False, None, usable)
+        result = make("keep", True, False, None, usable)
+        return dataclasses.replace(result, cuda_graphs=_graphs_fit(result, sizes, False, usable))
     ram = _host_ram() if host_ram_bytes is None else host_ram_bytes
     policy = "free" if ram is not None and all_weights > 0.7 * ram else "offload"
     fits = True
@@ -343,9 +345,23 @@ def plan_memory(sizes: Any, device: torch.device | str, vram_budget: Any, *, pip
         chunk = -(fitting[0] if fitting else min(tried))[1]
     result = make(policy, batched, stream, chunk, usable)
     fits = fits and result.peak_bytes <= usable
-    result = dataclasses.replace(result, fits=fits)
+    result = dataclasses.replace(result, fits=fits, cuda_graphs=_graphs_fit(result, sizes, stream, usable))
     (log.info if fits else log.warning)("memory plan: %s", result.summary())
     return result
+
+
+# While a sampling loop replays CUDA graphs (nn/cuda_graphs.py), the graphs' pool keeps the activations of the
+# batched pair (B = 2) while the first, eager call of the single-branch key (B = 1) allocates its own: up to 1.5x
+# the estimate of an eager DiT stage.
+GRAPH_HEADROOM = 1.5
+
+
+def _graphs_fit(plan: MemoryPlan, sizes: Mapping[str, ModelSize], stream: bool, usable: int) -> bool:
+    """Whether every DiT stage still fits with GRAPH_HEADROOM x its activations (never with streamed blocks)."""
+    if stream:
+        return False
+    dits = [s for s in plan.stages if sizes[s.role].kind == "dit"]
+    return all(s.weight_bytes + GRAPH_HEADROOM * s.activation_bytes <= usable for s in dits)
 
 
 # ---------------------------------------------------------------------------------------------- components

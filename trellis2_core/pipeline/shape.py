@@ -16,7 +16,7 @@ from ..sampling import SamplerParams
 from ..sparse import SparseTensor
 from ..weights import Normalization
 from . import rng
-from .components import ComponentSource, batched_cfg
+from .components import ComponentSource, batched_cfg, cuda_graphs
 from .guidance import run_sampler
 from .structure import coarsen
 from .types import Conditioning, ShapeLatent, Structure, plan
@@ -65,7 +65,7 @@ def _flow(
         noise = rng.randn((coords.shape[0], flow.config.in_channels), generator, components.device)
         x = SparseTensor(noise, coords.to(components.device))
         out = run_sampler(flow, x, cond, params, progress=progress, should_stop=should_stop, multiview_mode=multiview_mode,
-                          batched_cfg=batched_cfg(components))
+                          batched_cfg=batched_cfg(components), cuda_graphs=cuda_graphs(components))
     return out.replace(denormalise(out.feats.float(), norm))
 
 
