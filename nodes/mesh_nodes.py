@@ -1,7 +1,8 @@
 """Mesh stages as nodes: O-Voxel to mesh, repair, decimate, UV unwrap + PBR bake.
 
 The MESH socket is core's type (glTF Y-up, see ``nodes.mesh_socket``): meshes from core's 3D nodes come in,
-and ours go out to them. Every node returns a new MESH; the input is never modified.
+and ours go out to them. Every node returns a new MESH; the input is never modified. Repair, decimation and the
+bake poll ComfyUI's Cancel between their steps (``runtime.should_stop``); a cancel there is ComfyUI's interrupt.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from ..trellis2_core.mesh.mesh import Mesh
 from ..trellis2_core.mesh.postprocess import bake_ovoxel
 from ..trellis2_core.mesh.repair import repair_mesh
 from . import mesh_socket
-from .runtime import progress_bar
+from .runtime import cancellable, progress_bar, should_stop
 from .sockets import CATEGORY, OVoxelSocket
 
 
@@ -61,10 +62,12 @@ class Trellis2MeshRepair(io.ComfyNode):
 
     @classmethod
     def execute(cls, mesh, weld_tolerance, min_component_area, remove_inner_shells, max_hole_perimeter, orient) -> io.NodeOutput:
-        repaired, report = repair_mesh(
-            mesh_socket.from_comfy(mesh), weld_tolerance=weld_tolerance, min_component_area=min_component_area,
-            remove_inner=remove_inner_shells, max_hole_perimeter=max_hole_perimeter, orient=orient,
-        )  # fmt: skip
+        with cancellable():
+            repaired, report = repair_mesh(
+                mesh_socket.from_comfy(mesh), weld_tolerance=weld_tolerance, min_component_area=min_component_area,
+                remove_inner=remove_inner_shells, max_hole_perimeter=max_hole_perimeter, orient=orient,
+                should_stop=should_stop,
+            )  # fmt: skip
         return io.NodeOutput(mesh_socket.to_comfy(repaired), str(report) or "no changes")
 
 
@@ -85,7 +88,9 @@ class Trellis2MeshDecimate(io.ComfyNode):
 
     @classmethod
     def execute(cls, mesh, target_faces, preserve_boundary) -> io.NodeOutput:
-        out = decimate(mesh_socket.from_comfy(mesh), target_faces, preserve_boundary=preserve_boundary)
+        with cancellable():
+            out = decimate(mesh_socket.from_comfy(mesh), target_faces, preserve_boundary=preserve_boundary,
+                           should_stop=should_stop)
         return io.NodeOutput(mesh_socket.to_comfy(out))
 
 
@@ -116,8 +121,10 @@ class Trellis2UVBake(io.ComfyNode):
     @classmethod
     def execute(cls, mesh, o_voxel, texture_size, project_to_surface, reuse_existing_uvs, normal_map=False) -> io.NodeOutput:
         engine_mesh = mesh_socket.to_engine_frame(mesh_socket.from_comfy(mesh))
-        textured = bake_ovoxel(engine_mesh, o_voxel, texture_size=texture_size, project_to_surface=project_to_surface,
-                               reuse_uvs=reuse_existing_uvs, normal_map=normal_map, progress=progress_bar())  # fmt: skip
+        with cancellable():
+            textured = bake_ovoxel(engine_mesh, o_voxel, texture_size=texture_size, project_to_surface=project_to_surface,
+                                   reuse_uvs=reuse_existing_uvs, normal_map=normal_map, progress=progress_bar(),
+                                   should_stop=should_stop)  # fmt: skip
         return io.NodeOutput(mesh_socket.to_comfy(mesh_socket.from_engine_frame(textured)))
 
 

@@ -7,6 +7,11 @@ uint8 textures; optionally (normal_map=True) also a tangent-space normal map: th
 normal at each texel's closest point, in the texel's tangent frame (normal_map.py). Texels outside every chart are
 filled by seam dilation (iterative masked neighbour averaging, then a pull-push fill for the rest) so bilinear
 filtering and mipmaps never pull in black.
+
+Cancellation: an optional ``should_stop()`` is polled before the rasteriser, before every chunk of texels, between
+the 2^18-texel pieces of a chunk's projection (the costly step) and before the seam fill; True raises
+``Interrupted`` and nothing of the partial bake escapes (the maps are only built at the very end). The rasteriser,
+the reference's k-d tree build, the voxel sampling of one chunk and the seam fill are not polled inside.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, Interrupted
 from ..ovoxel.attributes import VoxelAttributeField, world_to_grid
 from .closest import ClosestPointQuery
 from .mesh import Mesh, PBRMaps
@@ -27,6 +33,16 @@ from .normal_map import SurfaceNormalQuery, encode_tangent_space, renormalize_en
 from .raster import rasterize_uv
 
 log = logging.getLogger(__name__)
+
+# ClosestPointQuery.query and SurfaceNormalQuery.project work in pieces of this many points: splitting a chunk at the
+# same boundaries to poll should_stop between them leaves every result bit-identical.
+PROJECT_PIECE = 1 << 18
+
+
+def stop_if_asked(should_stop: Callable[[], bool] | None, where: str) -> None:
+    """Raise ``Interrupted(where)`` when ``should_stop`` is given and returns True (the caller asked to cancel)."""
+    if should_stop is not None and should_stop():
+        raise Interrupted(where)
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,7 @@ def bake_textures(
     chunk: int = 1 << 20,
     progress=None,
     normal_map: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> PBRMaps:
     """Textures for `mesh` (which must have UVs) from voxel attributes.
 
@@ -67,6 +84,8 @@ def bake_textures(
     at the closest point (without a reference the map is flat, (128, 128, 255)). The map is only valid with the tangents
     it was baked in: those of `mesh.tangents` if set, else normal_map.with_tangents(mesh)'s (deterministic), which the
     caller must attach to the mesh it exports (textured_mesh and bake_ovoxel do; export_glb recomputes them if absent).
+    should_stop: optional callable polled before rasterising, between pieces of 2^18 texels and before the seam fill;
+    True raises ``Interrupted`` (inputs untouched, no partial maps returned). None = never interrupted.
     Returns PBRMaps: base_color RGBA (sRGB values as the decoder produces them, alpha linear), metallic_roughness
     (R 0, G roughness, B metallic), normal [H, W, 3] or None.
     """
@@ -83,6 +102,7 @@ def bake_textures(
     device = field.device
     verts = mesh.vertices.to(device)
     faces = mesh.faces.to(device)
+    stop_if_asked(should_stop, "texture bake interrupted before rasterising the UV layout")
     t0 = time.perf_counter()
     face, bary = rasterize_uv(mesh.uvs.to(device), faces, size, size)
     secs = {"raster": time.perf_counter() - t0}
@@ -103,16 +123,17 @@ def bake_textures(
     for n, s in enumerate(range(0, len(texels), chunk)):
         fidx = faces[tface[s:s + chunk]]                              # [c, 3]
         p = (verts[fidx] * tbary[s:s + chunk, :, None]).sum(1)           # texel positions, engine frame
+        stop_if_asked(should_stop, f"texture bake interrupted while sampling texels (chunk {n + 1}/{total})")
         t0 = time.perf_counter()
         if normal_map:
             tt, tb, tn = texel_frames(tmesh, tface[s:s + chunk], tbary[s:s + chunk])
             if nquery is not None:
-                p, ref_n = nquery.project(p)           # same points as query.query, plus the normals there
+                p, ref_n = _in_pieces(nquery.project, p, should_stop, n, total)  # query.query's points + normals
             else:
                 ref_n = tn
             enc = encode_tangent_space(ref_n, tt, tb, tn)
         elif query is not None:
-            p = query.query(p)
+            p = _in_pieces(query.query, p, should_stop, n, total)[0]
         secs["project"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         a = field.sample(world_to_grid(p, resolution, aabb_min, aabb_size)).to(torch.float32)
@@ -129,6 +150,7 @@ def bake_textures(
     img = img.view(size, size, nch)
     mask = mask.view(size, size)
     coverage = float(mask.float().mean())
+    stop_if_asked(should_stop, "texture bake interrupted before the seam fill")
     t0 = time.perf_counter()
     filled = fill_outside(img, mask, dilation)  # all 6 (9) channels at once: the frontier work is shared
     secs["fill"] = time.perf_counter() - t0
@@ -141,6 +163,21 @@ def bake_textures(
     log.info("bake: %dx%d, %d faces, coverage %.1f%%, seconds: %s", size, size, mesh.num_faces, 100 * coverage,
              ", ".join(f"{k} {v:.2f}" for k, v in secs.items()))
     return PBRMaps(base_color=base, metallic_roughness=mr_img, normal=normal)
+
+
+def _in_pieces(project, p: torch.Tensor, should_stop, n: int, total: int) -> tuple[torch.Tensor, ...]:
+    """``project(p)`` (one tensor or a tuple, each [P, ...]) run on pieces of PROJECT_PIECE points, polling
+    should_stop between them; the same pieces the projection makes itself, so the result is bit-identical."""
+    if should_stop is None or p.shape[0] <= PROJECT_PIECE:
+        out = project(p)
+        return out if isinstance(out, tuple) else (out,)
+    parts = []
+    for s in range(0, p.shape[0], PROJECT_PIECE):
+        if s:
+            stop_if_asked(should_stop, f"texture bake interrupted while projecting texels (chunk {n + 1}/{total})")
+        out = project(p[s:s + PROJECT_PIECE])
+        parts.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.cat(col) for col in zip(*parts))
 
 
 def _to_u8(x: torch.Tensor) -> np.ndarray:

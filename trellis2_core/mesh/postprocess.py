@@ -5,6 +5,11 @@ xatlas) -> bake (UV rasteriser, projection onto the repaired full-resolution sur
 -> Z-up to Y-up. The result goes to glb.export_glb. Differences from the reference: no narrow-band remesh (we
 repair the decoded surface instead; it keeps thin parts single-layered), orientation is fixed by repair rather than
 by remeshing, and the UV layout differs (another charting); the sampled attributes follow the same rule exactly.
+
+Cancellation: both entry points take ``should_stop()``, polled between the stages and passed down into repair,
+decimation and the bake (which poll between their own steps and texel pieces); True raises ``Interrupted`` naming
+the stage. The unwrap (xatlas) is one C call that cannot be interrupted inside: it is polled before and after.
+Inputs are never modified and no partial result escapes (nothing is written anywhere: export is the caller's).
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from ..errors import InputError
 from ..ovoxel.attributes import VoxelAttributeField
 from ..ovoxel.ovoxel import OVoxel
-from .bake import AttributeLayout, bake_textures
+from .bake import AttributeLayout, bake_textures, stop_if_asked
 from .decimate import decimate
 from .mesh import Mesh, mesh_zup_to_yup, vertex_normals
 from .normal_map import with_tangents
@@ -55,6 +61,7 @@ def textured_mesh(
     repair_options: dict | None = None,
     progress=None,
     normal_map: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Mesh, PostprocessReport]:
     """Decoded engine-frame mesh + voxel PBR attributes -> (glTF Y-up Mesh with UVs, normals and maps, report).
 
@@ -68,6 +75,8 @@ def textured_mesh(
     normal_map: also bake a tangent-space normal map of the repaired full-resolution surface (the projection
     reference; flat where there is none: project=False, reuse_uvs, or no decimation) and attach the tangents it was
     baked in (Mesh.tangents, exported as glTF TANGENT).
+    should_stop: optional callable polled before each stage and inside repair, decimation and the bake (not inside
+    the unwrap: xatlas is one C call, polled before and after); True raises ``Interrupted`` naming the stage.
     """
     rep = PostprocessReport(repair=RepairReport(), faces_in=mesh.num_faces)
     tick = time.perf_counter()
@@ -80,25 +89,33 @@ def textured_mesh(
         if progress:
             progress(i, 4)
 
+    def check(what: str) -> None:
+        stop_if_asked(should_stop, f"mesh post-processing interrupted {what}")
+
     field_ = VoxelAttributeField(coords, attrs)
     if reuse_uvs and mesh.uvs is not None:
         work, full = mesh, None
         stage("repair", 1)
         stage("decimate", 2)
+        check("before the UV unwrap")
         work = unwrap(work, reuse_existing=True)
     else:
-        full, rep.repair = repair_mesh(mesh, **(repair_options or {}))
+        check("before the repair")
+        full, rep.repair = repair_mesh(mesh, **(repair_options or {}), should_stop=should_stop)
         stage("repair", 1)
-        work = decimate(full, decimation_target)
+        check("before the decimation")
+        work = decimate(full, decimation_target, should_stop=should_stop)
         stage("decimate", 2)
+        check("before the UV unwrap")
         work = unwrap(work.replace(normals=vertex_normals(work.vertices, work.faces)), texture_size=texture_size)
     rep.faces_repaired = full.num_faces if full is not None else mesh.num_faces
     stage("unwrap", 3)
+    check("before the bake (after the UV unwrap)")
     ref = full if (project and full is not None and full.num_faces != work.num_faces) else None
     if normal_map:
         work = with_tangents(work)
     maps = bake_textures(work, field_, resolution, texture_size=texture_size, reference=ref, layout=layout,
-                         normal_map=normal_map)
+                         normal_map=normal_map, should_stop=should_stop)
     stage("bake", 4)
     out = mesh_zup_to_yup(work.replace(maps=maps))
     rep.faces_out, rep.vertices_out = out.num_faces, out.num_vertices
@@ -116,6 +133,7 @@ def bake_ovoxel(
     reuse_uvs: bool = False,
     progress=None,
     normal_map: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Mesh:
     """``mesh`` (engine Z-up frame) with UVs and PBR maps baked from ``ovoxel``'s attributes; same surface and
     positions, but unwrapping (not ``reuse_uvs``) splits vertices along UV seams and drops zero-area faces.
@@ -124,7 +142,9 @@ def bake_ovoxel(
     point of the O-Voxel's own decoded surface when ``project_to_surface`` (what the reference does after remeshing
     and decimation, SPEC 15 step 4). ``normal_map``: also bake a tangent-space normal map of that decoded surface
     (its winding made consistent first; flat without ``project_to_surface``) and attach the tangents it was baked
-    in. Returns a new Mesh in the engine frame.
+    in. ``should_stop``: optional callable polled before and after the unwrap (xatlas is one C call that cannot be
+    interrupted inside), before the bake and inside it; True raises ``Interrupted`` naming the stage, ``mesh`` and
+    ``ovoxel`` untouched. Returns a new Mesh in the engine frame.
     """
     if not isinstance(ovoxel, OVoxel) or ovoxel.attributes is None:
         raise InputError(
@@ -144,7 +164,9 @@ def bake_ovoxel(
         base_color=(lay["base_color"].start, lay["base_color"].stop), metallic=lay["metallic"].start,
         roughness=lay["roughness"].start, alpha=None if alpha is None else alpha.start,
     )  # fmt: skip
+    stop_if_asked(should_stop, "mesh post-processing interrupted before the UV unwrap")
     work = unwrap(mesh, texture_size=texture_size, reuse_existing=reuse_uvs)
+    stop_if_asked(should_stop, "mesh post-processing interrupted after the UV unwrap (before the bake)")
     if normal_map:
         work = with_tangents(work)
     reference = None
@@ -155,8 +177,10 @@ def bake_ovoxel(
             faces = torch.from_numpy(orient_faces(vertices.cpu().numpy(), faces.cpu().numpy())[0]).to(faces.device)
         reference = Mesh(vertices.float(), faces.long()) if faces.shape[0] else None
     field_ = VoxelAttributeField(ovoxel.coords, ovoxel.attributes.float())
+    stop_if_asked(should_stop, "mesh post-processing interrupted before the bake")
     maps = bake_textures(
         work, field_, ovoxel.resolution, texture_size=texture_size, reference=reference, layout=layout,
         aabb_min=float(lo[0]), aabb_size=float(sizes.pop()), progress=progress, normal_map=normal_map,
+        should_stop=should_stop,
     )  # fmt: skip
     return work.replace(maps=maps)

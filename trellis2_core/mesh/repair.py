@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, Interrupted
 from .holes import fill_small_holes
 from .mesh import Mesh
 from .orient import orient_faces, remove_inner_shells
@@ -54,6 +55,7 @@ def repair_mesh(
     remove_inner: bool = False,
     max_hole_perimeter: float = 0.03,
     orient: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Mesh, RepairReport]:
     """Repair `mesh`; returns (new mesh, report). The input is never modified.
 
@@ -67,12 +69,20 @@ def repair_mesh(
     orient: make winding consistent per component and outward (signed volume).
     Normals are recomputed by the caller if needed (dropped here when faces change); UVs are dropped if vertices
     are welded or added (re-unwrap after repair).
+    should_stop: optional callable polled before each step; True raises ``Interrupted`` naming the next step (the
+    input is untouched: every step works on copies).
     """
     if not isinstance(mesh, Mesh):
         raise InputError(f"mesh: expected a trellis2_core.mesh.Mesh, got {type(mesh).__name__}")
     if weld_tolerance is not None and weld_tolerance < 0:
         raise InputError(f"weld_tolerance: expected >= 0 or None (off), got {weld_tolerance}")
     rep = RepairReport()
+
+    def check(step: str) -> None:
+        if should_stop is not None and should_stop():
+            raise Interrupted(f"mesh repair interrupted before {step}")
+
+    check("welding")
     device = mesh.vertices.device
     v = mesh.vertices.detach().cpu().numpy().astype(np.float32, copy=True)
     f = mesh.faces.detach().cpu().numpy().astype(np.int64, copy=True)
@@ -92,17 +102,20 @@ def repair_mesh(
             f = group[f]
             keep_uv = False
 
+    check("removing degenerate faces")
     if remove_degenerate and len(f):
         rep_idx = (f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]) | (f[:, 0] == f[:, 2])
         bad = rep_idx | (triangle_areas(v, f) <= degenerate_area)
         rep.degenerate_faces = int(bad.sum())
         f = f[~bad]
 
+    check("removing duplicate faces")
     if remove_duplicates and len(f):
         first = unique_rows_first(np.sort(f, axis=1))
         rep.duplicate_faces = int(len(f) - len(first))
         f = f[first]
 
+    check("removing small components")
     if (min_component_faces > 0 or min_component_area > 0) and len(f):
         ncomp, lab = face_components(f, len(v))
         nfc = np.bincount(lab, minlength=ncomp)
@@ -114,6 +127,7 @@ def repair_mesh(
         rep.component_faces_removed = int(small[lab].sum())
         f = f[~small[lab]]
 
+    check("removing inner shells")
     if remove_inner and len(f):
         f, rep.inner_shells_removed = remove_inner_shells(v, f)
 
@@ -121,11 +135,13 @@ def repair_mesh(
     v, f, uvs_kept, keep = compact(v, f, uvs if keep_uv else None)
     rep.unreferenced_vertices = int(nv_before - len(v))
 
+    check("filling holes")
     if max_hole_perimeter and max_hole_perimeter > 0 and len(f):
         v, f, rep.holes_filled, rep.hole_faces_added = fill_small_holes(v, f, max_hole_perimeter)
         if rep.holes_filled and len(v) != len(keep):
             keep_uv = False
 
+    check("orienting faces")
     if orient and len(f):
         f, rep.faces_flipped = orient_faces(v, f)
 

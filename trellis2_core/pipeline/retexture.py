@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from ..errors import InputError
-from ..mesh.bake import bake_textures
+from ..mesh.bake import bake_textures, stop_if_asked
 from ..mesh.mesh import Mesh, vertex_normals, yup_to_zup
 from ..mesh.topology import triangle_areas
 from ..mesh.uv import unwrap
@@ -176,10 +176,12 @@ def bake_onto_mesh(
     *,
     texture_size: int = 2048,
     keep_uvs: bool = True,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Mesh, torch.Tensor]:
     """(textured mesh in the user's frame, vertex_map); geometry kept as the module docstring states.
 
     keep_uvs: use the mesh's own UVs when it has them (they must lie in [0, 1]); else unwrap.
+    should_stop: polled before and after the unwrap (one C call) and inside the bake; True raises ``Interrupted``.
     """
     _check_mesh(mesh)
     if ovoxel.attributes is None:
@@ -195,10 +197,12 @@ def bake_onto_mesh(
         vertex_map = torch.arange(mesh.num_vertices, device=mesh.vertices.device)
         faces, uvs, bake_faces = mesh.faces, uv, mesh.faces
     else:
+        stop_if_asked(should_stop, "retexture interrupted before the UV unwrap")
         vertex_map, faces, uvs, bake_faces = _unwrap_keeping_vertices(eng, mesh.faces, texture_size)
     field = VoxelAttributeField(ovoxel.coords, ovoxel.attributes)
     eng_mesh = Mesh(eng[vertex_map], bake_faces, uvs=uvs)
-    maps = bake_textures(eng_mesh, field, ovoxel.resolution, texture_size=texture_size)
+    stop_if_asked(should_stop, "retexture interrupted before the bake")
+    maps = bake_textures(eng_mesh, field, ovoxel.resolution, texture_size=texture_size, should_stop=should_stop)
     normals = mesh.normals if mesh.normals is not None else _unit_normals(mesh.vertices, mesh.faces)
     if vertex_map.shape[0] == mesh.num_vertices:  # nothing split: the user's own tensors
         return mesh.replace(normals=normals, uvs=uvs, maps=maps), vertex_map
@@ -271,6 +275,7 @@ def retexture_mesh(
 
     generator: the texture noise [N_latent, 32] is its first draw (the reference seeds right before it).
     progress(done, total) counts encode (1) + sampler steps + decode and bake (1).
+    should_stop: polled before every sampler step, before the decode, around the unwrap and inside the bake.
     """
     total = params.steps + 2
     encoded = encode_mesh(components, mesh, resolution)
@@ -281,8 +286,10 @@ def retexture_mesh(
         tex_normalization=tex_normalization, generator=generator, should_stop=should_stop,
         progress=None if progress is None else (lambda d, _n: progress(1 + d, total)),
     )  # fmt: skip
+    stop_if_asked(should_stop, "retexture interrupted before decoding the texture voxels")
     ovoxel = decode_on_mesh(components, material, encoded)
-    out, vertex_map = bake_onto_mesh(mesh, ovoxel, encoded.normalization, texture_size=texture_size, keep_uvs=keep_uvs)
+    out, vertex_map = bake_onto_mesh(mesh, ovoxel, encoded.normalization, texture_size=texture_size, keep_uvs=keep_uvs,
+                                     should_stop=should_stop)
     if progress is not None:
         progress(total, total)
     return Retexture(out, vertex_map, ovoxel, material, encoded.normalization)
