@@ -12,16 +12,20 @@ those inputs (Triton compilation, cuDNN plans for the shapes, the RoPE/varlen/ba
 coordinate cache, module-level caches), which must not be created inside a capture (some of it synchronises
 with the host, and a capture that fails can leave the caching allocator routing into the graph's pool). The
 second call captures a graph over static input buffers and replays it; later calls copy their inputs into those
-buffers and replay. A capture that fails anyway is logged, and graphs stay off for the rest of the process (the
-failure may leave torch's allocator routing the capture stream into the graph's pool). Outputs are copied out of the
-graph's memory (the sampler holds the conditional velocity while computing the unconditional one). All graphs of
-one wrapper share one memory pool, and since ``torch.cuda.graph`` empties the allocator's cache before capturing,
-the peak stays that of an eager forward; ``close()`` (or leaving ``with``) frees the graphs and their pool.
+buffers and replay. Outputs are copied out of the graph's memory (the sampler holds the conditional velocity while
+computing the unconditional one).
+
+Memory: all graphs of one wrapper share one pool, freed by ``close()`` (or leaving ``with``). ``torch.cuda.graph``
+empties the allocator's cache before capturing, but while the pool holds the batched pair's activations the first
+(eager) call of the single-branch key allocates its own: up to ~1.5x an eager stage's activations, which is what
+the memory planner allows for (``pipeline/memory.py`` GRAPH_HEADROOM; it turns graphs off when that does not fit).
 
 Only where it is safe: CUDA inputs; every parameter and buffer of the model on that device (not block-streamed
 from CPU memory, not partially loaded by ComfyUI's low-VRAM mode); not inside another capture. A capture that
-fails is logged and its key runs eagerly from then on. Replays run the same kernels as eager calls, so results
-are the same bit for bit (checked on the GPU in tests/test_cuda_graphs.py).
+fails anyway is logged and graphs stay off for the rest of the process (the failure may leave torch's allocator
+routing the capture stream into the graph's pool); the CUDA random generator, which torch would leave in capture
+mode, is put back (``_rng_snapshot``). Replays run the same kernels as eager calls, so results are the same bit
+for bit (checked on the GPU in tests/test_cuda_graphs.py).
 
 Switch: ``GraphedModel(model, enabled=False)``, or the environment variable ``TRELLIS2_CUDA_GRAPHS=0`` (read on
 every call).
