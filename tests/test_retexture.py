@@ -112,12 +112,12 @@ def run(pipe, image):
     """The staged function on a precomputed conditioning of ``image`` (skips re-encoding it every call)."""
     cond = pipe.condition(image, (512,))
 
-    def run(mesh: Mesh, seed: int, keep_uvs: bool = True):
+    def run(mesh: Mesh, seed: int, keep_uvs: bool = True, should_stop=None):
         return retexture_mesh(
             pipe.components, cond, mesh, resolution=R, params=pipe.sampler_params("tex_slat", **FAST),
             shape_normalization=pipe.files.normalizations["shape_slat_normalization"],
             tex_normalization=pipe.files.normalizations["tex_slat_normalization"],
-            generator=rng.generator(seed), texture_size=64, keep_uvs=keep_uvs,
+            generator=rng.generator(seed), texture_size=64, keep_uvs=keep_uvs, should_stop=should_stop,
         )  # fmt: skip
 
     return run
@@ -285,3 +285,33 @@ def test_bad_inputs_raise_clear_errors(pipe, image, snapshot, run):
         full.retexture(mesh, image, resolution=R)
     with pytest.raises(ConfigError, match="has no sparse_structure_sampler entry"):  # not a bare KeyError
         pipe.generate(image, pipeline_type="512")
+
+
+
+def test_should_stop_reaches_every_stage_down_to_the_bake(run):
+    """retexture_mesh polls should_stop through sampling, the decode, the unwrap and into the bake: stopping at the
+    k-th poll raises Interrupted naming that stage, for every k, and the user's mesh is left untouched."""
+    from trellis2.trellis2_core.errors import Interrupted
+
+    mesh = user_mesh()
+    before = (mesh.vertices.clone(), mesh.faces.clone())
+    polls: list[int] = []
+    base = run(mesh, seed=2, keep_uvs=False, should_stop=lambda: bool(polls.append(1)))
+    total = len(polls)
+    assert total >= 2 + 3  # both sampler steps, the decode, the unwrap, the bake
+    stages = []
+    for k in range(1, total + 1):
+        seen: list[int] = []
+
+        def stop_at_k(k=k, seen=seen):
+            seen.append(1)
+            return len(seen) >= k
+
+        with pytest.raises(Interrupted) as info:
+            run(mesh, seed=2, keep_uvs=False, should_stop=stop_at_k)
+        assert len(seen) == k  # raised at the first True
+        stages.append(str(info.value))
+    text = " | ".join(stages)
+    assert "sampling" in text and "decod" in text and "unwrap" in text and "bake" in text, stages
+    assert torch.equal(mesh.vertices, before[0]) and torch.equal(mesh.faces, before[1])
+    assert base.mesh.maps.base_color.shape == (64, 64, 4)
