@@ -57,6 +57,12 @@ def test_env_switch_is_read_at_call_time(monkeypatch):
         assert not graphs_enabled()
     monkeypatch.setenv(ENV_VAR, "1")
     assert graphs_enabled()
+    with cuda_graphs.disabled():
+        assert not graphs_enabled()
+        with cuda_graphs.disabled():
+            assert not graphs_enabled()
+        assert not graphs_enabled()
+    assert graphs_enabled()
 
 
 def test_cpu_calls_pass_straight_through():

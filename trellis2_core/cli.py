@@ -12,6 +12,7 @@ The image needs a transparent background (RGBA) or a ``--mask``; background remo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import time
@@ -48,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--normal-map", action="store_true",
                    help="also bake a tangent-space normal map of the full-resolution surface (exported with tangents)")
     g.add_argument("--webp", action="store_true", help="store textures as WebP (EXT_texture_webp) instead of PNG")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run the sampling loops eagerly instead of replaying CUDA graphs (CUDA only; for debugging)")
     g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -83,6 +86,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .mesh.glb import export_glb
     from .mesh.mesh import Mesh
     from .mesh.postprocess import textured_mesh
+    from .nn import cuda_graphs
     from .pipeline import Trellis2Pipeline
     from .weights import DEFAULT_REPO
 
@@ -121,8 +125,9 @@ def _generate(args: argparse.Namespace) -> int:
     overrides = {s: {"steps": args.steps} for s in ("sparse_structure", "shape_slat", "tex_slat")} if args.steps else None
     progress, close = _progress_bar(args.quiet, "sampling")
     try:
-        result = pipe.generate(image, seed=args.seed, pipeline_type=args.pipeline, sampler_overrides=overrides,
-                               preprocess=mask is None, progress=progress)  # fmt: skip
+        with cuda_graphs.disabled() if args.no_cuda_graphs else contextlib.nullcontext():
+            result = pipe.generate(image, seed=args.seed, pipeline_type=args.pipeline, sampler_overrides=overrides,
+                                   preprocess=mask is None, progress=progress)  # fmt: skip
     finally:
         close()
     ov = result.ovoxel

@@ -27,12 +27,14 @@ routing the capture stream into the graph's pool); the CUDA random generator, wh
 mode, is put back (``_rng_snapshot``). Replays run the same kernels as eager calls, so results are the same bit
 for bit (checked on the GPU in tests/test_cuda_graphs.py).
 
-Switch: ``GraphedModel(model, enabled=False)``, or the environment variable ``TRELLIS2_CUDA_GRAPHS=0`` (read on
-every call).
+Switch: ``GraphedModel(model, enabled=False)``, ``with cuda_graphs.disabled():`` (the CLI's ``--no-cuda-graphs``),
+or the environment variable ``TRELLIS2_CUDA_GRAPHS=0`` (read on every call).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 from typing import Any, Callable
@@ -48,8 +50,24 @@ _EAGER = object()  # marks a key whose capture failed
 _DISABLED: list[str] = []  # set after a failed capture: no more captures in this process (see _capture)
 
 
+_OFF = contextvars.ContextVar("trellis2_cuda_graphs_off", default=False)
+
+
+@contextlib.contextmanager
+def disabled():
+    """No CUDA-graph capture or replay inside this block (eager calls only)."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
+
+
 def graphs_enabled() -> bool:
-    """False when the environment variable TRELLIS2_CUDA_GRAPHS is "0", "off", "false" or "no" (call time)."""
+    """False inside ``disabled()`` or when the environment variable TRELLIS2_CUDA_GRAPHS is "0", "off", "false" or
+    "no" (both read at call time)."""
+    if _OFF.get():
+        return False
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
