@@ -9,11 +9,18 @@ block up to float rounding: a GEMM over fewer rows may take another kernel (fp32
 differ by ~5e-7 relative; the tests bound it at 2e-6; subdivision decisions are identical).
 
 The convolutions need not be chunked here: the torch backend already bounds its gathered block
-(``kernels/sparse_conv/reference.py``, 256 MiB) and the triton backend holds no temporary. The up blocks
-(``SparseResBlockC2S3d``) are not chunked: their conv1 output [N, 8*Co] feeds ``channel2spatial`` whole.
+(``kernels/sparse_conv/reference.py``, 256 MiB) and the triton backend holds no temporary.
 
-``chunk_decoder(model, rows)`` switches every ConvNeXt block of a decoder (or encoder) to the chunked forward;
-``rows=None`` switches back. It sets an instance ``forward``; no parameter, name or state_dict key changes.
+An up block (``SparseResBlockC2S3d``) peaks before its conv2: the fine tensor h [Nf, Co], the skip branch, and the
+fp32 LayerNorm copies of h (2 x Nf*Co*4 bytes) with the SiLU result, ~(3e + 8) Nf*Co bytes for e-byte features:
+at 1024^3 the decoders' largest single term. Chunked, LN + SiLU run over ``rows`` fine voxels at a time and
+overwrite h in place (h is a fresh tensor that channel2spatial made and nothing else holds), so the stage holds
+h, the skip and conv2's output plus one chunk's temporaries. Its conv1 output [N, 8*Co] still feeds
+``channel2spatial`` whole (~(1 + 2) Nf*Co*e with the fine copy: smaller than the LN stage was).
+
+``chunk_decoder(model, rows)`` switches every ConvNeXt block and up block of a decoder (or encoder) to the
+chunked forward; ``rows=None`` switches back. It sets an instance ``forward``; no parameter, name or state_dict
+key changes.
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ import types
 import torch
 import torch.nn as nn
 
+import torch.nn.functional as F
+
 from ..sparse import SparseTensor
-from .sparse_unet_vae import SparseConvNeXtBlock3d, _ln32
+from ..sparse.spatial import channel2spatial
+from .sparse_unet_vae import SparseConvNeXtBlock3d, SparseResBlockC2S3d, _ln32
 
 _ROWS_ATTR = "_trellis2_chunk_rows"
 
@@ -45,20 +55,40 @@ def _chunked_forward(self: SparseConvNeXtBlock3d, x: SparseTensor) -> SparseTens
     return x.replace(out)
 
 
+def _chunked_up_forward(self: SparseResBlockC2S3d, x: SparseTensor, guide: SparseTensor | None = None):
+    """``SparseResBlockC2S3d.forward`` with conv2's LN + SiLU in row chunks of ``self._trellis2_chunk_rows``."""
+    rows = getattr(self, _ROWS_ATTR)
+    sub, logits = self.subdivide(x, guide)
+    h = self.conv1(x.replace(F.silu(_ln32(self.norm1, x.feats))))
+    h = channel2spatial(h, sub)  # [Nf, co], a fresh tensor (an index gather): safe to overwrite
+    skip = channel2spatial(x, sub).feats
+    skip = skip.repeat_interleave(self.out_channels // (self.channels // 8), dim=1)
+    feats = h.feats
+    for r0 in range(0, feats.shape[0], rows):
+        feats[r0 : r0 + rows] = F.silu(_ln32(None, feats[r0 : r0 + rows]))
+    h = self.conv2(h.replace(feats))
+    return h.replace(h.feats + skip), logits
+
+
+_CHUNKED = {SparseConvNeXtBlock3d: _chunked_forward, SparseResBlockC2S3d: _chunked_up_forward}
+
+
 def chunk_decoder(model: nn.Module, rows: int | None) -> int:
-    """Run ``model``'s ConvNeXt blocks in chunks of ``rows`` voxels (None: unchunked). Returns the blocks changed."""
+    """Run ``model``'s ConvNeXt and up blocks in chunks of ``rows`` voxels (None: unchunked). Returns the blocks
+    changed."""
     if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
         raise ValueError(f"chunk_decoder: rows must be a positive integer or None; got {rows!r}")
     count = 0
     for module in model.modules():
-        if not isinstance(module, SparseConvNeXtBlock3d):
+        forward = _CHUNKED.get(type(module))
+        if forward is None:
             continue
         if rows is None:
             module.__dict__.pop("forward", None)
             module.__dict__.pop(_ROWS_ATTR, None)
         else:
             module.__dict__[_ROWS_ATTR] = rows
-            module.__dict__["forward"] = types.MethodType(_chunked_forward, module)
+            module.__dict__["forward"] = types.MethodType(forward, module)
         count += 1
     return count
 

@@ -13,7 +13,8 @@ released bf16/fp16 blocks; all byte counts are per token or voxel):
 * SC-VAE decoder, latent of T tokens: level i has N_i = T * 4^i voxels (each x2 subdivision keeps ~4 of 8
   children of a surface) and C_i channels. A ConvNeXt block peaks at ``11e * N*C`` (x, conv(x), LN out, MLP
   hidden and SiLU at 4C), ``3e*N*C + rows*C*(8 + 9e)`` when chunked by ``rows`` (models/decoder_chunking.py).
-  An up block (C -> Co, N -> N' = 4N) peaks at ``max(e*(N*C + 8*N*Co + N'*Co), e*N*C + (3e + 8)*N'*Co)``.
+  An up block (C -> Co, N -> N' = 4N) peaks at ``max(e*(N*C + 8*N*Co + N'*Co), e*N*C + (3e + 8)*N'*Co)``;
+  chunked, its LN + SiLU stage is ``3e*N'*Co + rows*Co*(8 + 2e)`` instead of ``(3e + 8)*N'*Co``.
   Neighbour maps cost 216 bytes per voxel (int64 [N, 27]) of the current and the previous level, and the torch
   conv backend gathers up to 256 MiB more.
 * DINOv3 and the dense sparse-structure decoder: 0.5 GiB each (small grids: 4101 tokens, 64^3 x 32 ch).
@@ -155,7 +156,9 @@ def decoder_activation_bytes(tokens: int, size: ModelSize, chunk_rows: int | Non
         peak = max(peak, conv + 2 * _NBR * n)
         if i + 1 < len(ch):
             co, n2 = ch[i + 1], 4 * n
-            up = max(e * (n * c + 8 * n * co + n2 * co), e * n * c + (3 * e + 8) * n2 * co)
+            # before conv2: h, skip, conv2's output and LN + SiLU temporaries (fp32 x2, e x2), chunked or whole
+            ln = (3 * e + 8) * n2 * co if chunk_rows is None or chunk_rows >= n2 else 3 * e * n2 * co + chunk_rows * co * (8 + 2 * e)
+            up = max(e * (n * c + 8 * n * co + n2 * co), e * n * c + ln)
             peak = max(peak, up + _NBR * (n + n2))
     last = tokens * 4 ** (len(ch) - 1)
     head = last * ch[-1] * (e + 8) + _NBR * last
