@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from trellis2.trellis2_core.models import from_config
 from trellis2.trellis2_core.models.sparse_unet_vae import SparseResBlockC2S3d
-from trellis2.trellis2_core.nn.cuda_graphs import GraphedModel, _signature
+from trellis2.trellis2_core.nn.cuda_graphs import GraphedModel
 from trellis2.trellis2_core.pipeline import Components
 from trellis2.trellis2_core.sparse import SparseTensor
 from trellis2.trellis2_core.sparse.conv import SparseConv3d
@@ -208,7 +208,7 @@ class CountingGraphedModel(GraphedModel):
         f0, r0 = (c.flops if c else 0.0), self.replays
         out = super().__call__(x, t, cond, **kwargs)
         if c is not None and self.replays > r0:
-            key = (tuple(kwargs), *(_signature(v) for v in (x, t, cond, *kwargs.values())))
+            key = self.key(x, t, cond, **kwargs)
             if c.flops > f0:
                 self._flops[key] = c.flops - f0
             else:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models as M  # noqa: E402
-from _timing import cuda_time  # noqa: E402
+from _timing import cuda_time, matmul_ceiling  # noqa: E402
 
 from trellis2.kernels import sparse_conv as spconv  # noqa: E402
 from trellis2.trellis2_core.pipeline import guidance  # noqa: E402
@@ -55,13 +55,6 @@ def emit(line: str, **row) -> None:
     print(line, flush=True)
     if row:
         LOG.append(row)
-
-
-def matmul_ceiling() -> float:
-    """bf16 TFLOP/s of an 8192^3 torch.mm on random data (the matrix-unit ceiling of this GPU and stack)."""
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    t = cuda_time(lambda: torch.mm(a, b), reps=20, warm=5)
-    return 2 * 8192**3 / t / 1e12
 
 
 # ------------------------------------------------------------------------------------------------ sparse conv

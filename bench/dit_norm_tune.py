@@ -23,13 +23,17 @@ Triton cache included).
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from trellis2.kernels.dit_norm import reference as R
-from trellis2.kernels.dit_norm import triton as T
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import graph_time  # noqa: E402
+
+from trellis2.kernels.dit_norm import reference as R  # noqa: E402
+from trellis2.kernels.dit_norm import triton as T  # noqa: E402
 
 TOL = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # = tests/test_kernels_dit_norm.py
 MISMATCH = {torch.float32: 1.0, torch.float16: 0.02, torch.bfloat16: 0.02}
@@ -40,29 +44,9 @@ C, H, D = 1536, 12, 128
 
 
 def cuda_us(fn, reps, inner=10):
-    """Median microseconds of one fn call: ``inner`` calls captured in a CUDA graph, the replay timed with CUDA
-    events ``reps`` times. Why a graph: eager Triton launches cost ~20-40 us of host time each, more than these
-    kernels run at 4k rows, so eager event timings measure the launcher, not the kernel."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()  # compiles / warms outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(inner):
-            fn()
-    graph.replay()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / inner)
-    del graph
-    return statistics.median(ts)
+    """Median microseconds of one fn call, timed inside a CUDA graph (``_timing.graph_time``: eager event timings
+    would measure Triton's ~20-40 us launcher, more than these kernels take at 4k rows)."""
+    return graph_time(fn, reps=reps, inner=inner) * 1e6
 
 
 def ref_ok(out, want):

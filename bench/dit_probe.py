@@ -23,18 +23,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models as M  # noqa: E402
-from _timing import cuda_time  # noqa: E402
+from _timing import cuda_time, graph_time, matmul_ceiling  # noqa: E402
 
 from trellis2.trellis2_core.sparse import SparseTensor  # noqa: E402
 
 C, H, D, CTX = 1536, 12, 128, 1024
 SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION}  # fmt: skip
-
-
-def ceiling() -> float:
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return 2 * 8192**3 / cuda_time(lambda: torch.mm(a, b), reps=20, warm=5) / 1e12
 
 
 def sdpa_table(ceil: float) -> None:
@@ -100,16 +95,7 @@ def forward_case(label: str, model, args, flops: float, ceil: float) -> None:
                 fam[family(e.name)] += e.device_time / 1e3
                 kernels += 1
         busy = sum(fam.values())
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graphed = cuda_time(graph.replay, reps=10, warm=2)
-        del graph
+        graphed = graph_time(fn, reps=10)
     split = " ".join(f"{k}={v:.1f}" for k, v in sorted(fam.items(), key=lambda kv: -kv[1]))
     print(f"{label:<28} {kernels:6d} {eager * 1e3:8.2f} {graphed * 1e3:8.2f} {busy:8.2f} "
           f"{flops / eager / 1e12:7.0f} {flops / graphed / 1e12:7.0f} {100 * flops / graphed / 1e12 / ceil:5.1f}  {split}",
@@ -177,7 +163,7 @@ def main() -> None:
     args = ap.parse_args()
     import triton
 
-    ceil = ceiling()
+    ceil = matmul_ceiling()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"cudnn {torch.backends.cudnn.version()}; bf16 mm ceiling {ceil:.0f} TFLOP/s", flush=True)  # fmt: skip
     if "sdpa" not in args.skip:

@@ -291,27 +291,13 @@ def test_bad_inputs_raise_clear_errors(pipe, image, snapshot, run):
 def test_should_stop_reaches_every_stage_down_to_the_bake(run):
     """retexture_mesh polls should_stop through sampling, the decode, the unwrap and into the bake: stopping at the
     k-th poll raises Interrupted naming that stage, for every k, and the user's mesh is left untouched."""
-    from trellis2.trellis2_core.errors import Interrupted
+    from test_mesh_cancel import _messages_of_every_poll
 
     mesh = user_mesh()
     before = (mesh.vertices.clone(), mesh.faces.clone())
-    polls: list[int] = []
-    base = run(mesh, seed=2, keep_uvs=False, should_stop=lambda: bool(polls.append(1)))
-    total = len(polls)
-    assert total >= 2 + 3  # both sampler steps, the decode, the unwrap, the bake
-    stages = []
-    for k in range(1, total + 1):
-        seen: list[int] = []
-
-        def stop_at_k(k=k, seen=seen):
-            seen.append(1)
-            return len(seen) >= k
-
-        with pytest.raises(Interrupted) as info:
-            run(mesh, seed=2, keep_uvs=False, should_stop=stop_at_k)
-        assert len(seen) == k  # raised at the first True
-        stages.append(str(info.value))
-    text = " | ".join(stages)
-    assert "sampling" in text and "decod" in text and "unwrap" in text and "bake" in text, stages
+    messages = _messages_of_every_poll(lambda stop: run(mesh, seed=2, keep_uvs=False, should_stop=stop))
+    assert len(messages) >= 2 + 3  # both sampler steps, the decode, the unwrap, the bake
+    text = " | ".join(messages)
+    assert "sampling" in text and "decod" in text and "unwrap" in text and "bake" in text, messages
     assert torch.equal(mesh.vertices, before[0]) and torch.equal(mesh.faces, before[1])
-    assert base.mesh.maps.base_color.shape == (64, 64, 4)
+    assert run(mesh, seed=2, keep_uvs=False, should_stop=lambda: False).mesh.maps.base_color.shape == (64, 64, 4)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import subprocess
 import threading
 import urllib.parse
@@ -26,10 +25,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser_tools import JS_DIR, browser_tools
+
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parent.parent
-JS_DIR = REPO / "tests" / "js"
 # ComfyUI 0.3.75 server.py, create_block_external_middleware (active with --disable-api-nodes).
 COMFY_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline' 'unsafe-eval' blob:; style-src 'self' "
              "'unsafe-inline'; img-src 'self' data: blob:; font-src 'self'; connect-src 'self'; frame-src 'self'; "
@@ -41,12 +41,6 @@ METAL_LEFT, METAL_RIGHT = 1.0, 0.0
 ROUGH_TOP, ROUGH_BOTTOM = 0.25, 0.85
 MODES = ["pbr", "basecolor", "metallic", "roughness", "normals", "wireframe", "uv"]
 
-
-def _need(what: str, fix: str):
-    message = f"{what} missing: {fix}"
-    if os.environ.get("TRELLIS2_REQUIRE_BROWSER") == "1":
-        pytest.fail(message + " (TRELLIS2_REQUIRE_BROWSER=1)")
-    pytest.skip(message)
 
 
 def _textures(size: int = 64) -> tuple[Image.Image, Image.Image]:
@@ -125,14 +119,7 @@ class _Handler(SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def browser_run(tmp_path_factory):
-    chromium = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-    if not Path(chromium).is_file():
-        _need("chromium", "apt-get update && apt-get install -y chromium (or set CHROMIUM_PATH)")
-    node = shutil.which("node")
-    if node is None:
-        _need("node", "install Node.js >= 18")
-    if not (JS_DIR / "node_modules" / "playwright-core").is_dir():
-        _need("playwright-core", "npm ci --prefix tests/js")
+    chromium, node = browser_tools()
 
     work = tmp_path_factory.mktemp("viewer")
     assets = work / "assets"

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import urllib.parse
 from pathlib import Path
@@ -28,13 +27,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser_tools import JS_DIR, browser_tools
+
 from comfy_harness import comfy_server  # noqa: F401  (session fixture for the comfy tests)
 from test_workflows import TINY
 
 pytestmark = [pytest.mark.comfy, pytest.mark.browser]
 
 REPO = Path(__file__).resolve().parent.parent
-JS_DIR = REPO / "tests" / "js"
 WORKFLOW = REPO / "workflows" / "trellis2_image_to_textured_glb.json"
 BACKGROUND = (0x26, 0x26, 0x26)  # viewer_core.js BACKGROUND
 TARGETS = ["Trellis2ExportGLB", "Trellis2PreviewGLB"]  # the first is shown in every mode of MODES
@@ -52,12 +52,6 @@ KNOWN_ERRORS = [
 ]
 KNOWN_WARNING = "THREE.WARNING: Multiple instances of Three.js being imported."
 
-
-def _need(what: str, fix: str):
-    message = f"{what} missing: {fix}"
-    if os.environ.get("TRELLIS2_REQUIRE_BROWSER") == "1":
-        pytest.fail(message + " (TRELLIS2_REQUIRE_BROWSER=1)")
-    pytest.skip(message)
 
 
 def _known_missing(url: str) -> bool:
@@ -79,14 +73,7 @@ def _known_missing(url: str) -> bool:
 @pytest.fixture(scope="module")
 def page_run(request, tmp_path_factory):
     """Run viewer_comfy_check.mjs once against the session server; returns (result, out folder, server)."""
-    chromium = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
-    if not Path(chromium).is_file():
-        _need("chromium", "apt-get update && apt-get install -y chromium (or set CHROMIUM_PATH)")
-    node = shutil.which("node")
-    if node is None:
-        _need("node", "install Node.js >= 18")
-    if not (JS_DIR / "node_modules" / "playwright-core").is_dir():
-        _need("playwright-core", "npm ci --prefix tests/js")
+    chromium, node = browser_tools()
 
     from trellis2.trellis2_core.testing.tiny_snapshot import write_tiny_snapshot
 

@@ -1,5 +1,9 @@
 """Exceptions the engine raises for bad input. Each message names what was expected, what came, and the fix."""
 
+from __future__ import annotations
+
+from typing import Callable
+
 
 class Trellis2Error(Exception):
     """Base class of every error the engine raises on purpose."""
@@ -19,3 +23,9 @@ class InputError(Trellis2Error, ValueError):
 
 class Interrupted(Trellis2Error):
     """The caller asked the engine to stop (cancel); raised between steps, leaving no partial state behind."""
+
+
+def stop_if_asked(should_stop: Callable[[], bool] | None, where: str) -> None:
+    """Raise ``Interrupted(where)`` when ``should_stop`` is given and returns True (the caller asked to cancel)."""
+    if should_stop is not None and should_stop():
+        raise Interrupted(where)

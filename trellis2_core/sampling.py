@@ -23,7 +23,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from .errors import ConfigError, InputError, Interrupted
+from .errors import ConfigError, InputError, stop_if_asked
 from .sparse import SparseTensor
 
 __all__ = ["time_grid", "SamplerParams", "SampleResult", "sample"]
@@ -181,8 +181,7 @@ def sample(
     traj_x0: list[Latent] | None = [] if return_trajectory else None
     with torch.no_grad():
         for k in range(params.steps):
-            if should_stop is not None and should_stop():
-                raise Interrupted(f"sampling interrupted before step {k + 1}/{params.steps}")
+            stop_if_asked(should_stop, f"sampling interrupted before step {k + 1}/{params.steps}")
             t, t_prev = t_seq[k], t_seq[k + 1]
             v = _velocity(runner, x, t, cond, neg_cond, params)
             xf = _feats(x)

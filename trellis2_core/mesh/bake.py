@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError, Interrupted
+from ..errors import InputError, stop_if_asked
 from ..ovoxel.attributes import VoxelAttributeField, world_to_grid
 from .closest import ClosestPointQuery
 from .mesh import Mesh, PBRMaps
@@ -37,12 +37,6 @@ log = logging.getLogger(__name__)
 # ClosestPointQuery.query and SurfaceNormalQuery.project work in pieces of this many points: splitting a chunk at the
 # same boundaries to poll should_stop between them leaves every result bit-identical.
 PROJECT_PIECE = 1 << 18
-
-
-def stop_if_asked(should_stop: Callable[[], bool] | None, where: str) -> None:
-    """Raise ``Interrupted(where)`` when ``should_stop`` is given and returns True (the caller asked to cancel)."""
-    if should_stop is not None and should_stop():
-        raise Interrupted(where)
 
 
 @dataclass(frozen=True)

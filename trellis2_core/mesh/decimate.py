@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import InputError, Interrupted
+from ..errors import InputError, stop_if_asked
 from .mesh import Mesh
 from .topology import compact, triangle_areas, unique_rows_first
 
@@ -43,15 +43,13 @@ def decimate(mesh: Mesh, target_faces: int, *, preserve_boundary: bool = True, a
     except ImportError as e:
         raise ImportError("decimate needs the 'fast-simplification' package (MIT, prebuilt wheels): "
                           "pip install fast-simplification") from e
-    if should_stop is not None and should_stop():
-        raise Interrupted("mesh decimation interrupted before the edge collapses")
+    stop_if_asked(should_stop, "mesh decimation interrupted before the edge collapses")
     device = mesh.vertices.device
     v = mesh.vertices.detach().cpu().numpy().astype(np.float64)
     f = mesh.faces.detach().cpu().numpy().astype(np.int32)  # the backend's native index type: no copy inside
     v2, f2 = fast_simplification.simplify(v, f, target_count=int(target_faces), agg=float(aggressiveness),
                                           preserve_border=bool(preserve_boundary))
-    if should_stop is not None and should_stop():
-        raise Interrupted("mesh decimation interrupted after the edge collapses (result dropped)")
+    stop_if_asked(should_stop, "mesh decimation interrupted after the edge collapses (result dropped)")
     v2 = np.asarray(v2, np.float32)
     f2 = np.asarray(f2, np.int64).reshape(-1, 3)
     bad = (f2[:, 0] == f2[:, 1]) | (f2[:, 1] == f2[:, 2]) | (f2[:, 0] == f2[:, 2])

@@ -21,10 +21,10 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, stop_if_asked
 from ..ovoxel.attributes import VoxelAttributeField
 from ..ovoxel.ovoxel import OVoxel
-from .bake import AttributeLayout, bake_textures, stop_if_asked
+from .bake import AttributeLayout, bake_textures
 from .decimate import decimate
 from .mesh import Mesh, mesh_zup_to_yup, vertex_normals
 from .normal_map import with_tangents

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..errors import InputError, Interrupted
+from ..errors import InputError, stop_if_asked
 from .holes import fill_small_holes
 from .mesh import Mesh
 from .orient import orient_faces, remove_inner_shells
@@ -79,8 +79,7 @@ def repair_mesh(
     rep = RepairReport()
 
     def check(step: str) -> None:
-        if should_stop is not None and should_stop():
-            raise Interrupted(f"mesh repair interrupted before {step}")
+        stop_if_asked(should_stop, f"mesh repair interrupted before {step}")
 
     check("welding")
     device = mesh.vertices.device

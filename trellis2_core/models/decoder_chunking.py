@@ -19,8 +19,8 @@ h, the skip and conv2's output plus one chunk's temporaries. Its conv1 output [N
 ``channel2spatial`` whole (~(1 + 2) Nf*Co*e with the fine copy: smaller than the LN stage was).
 
 ``chunk_decoder(model, rows)`` switches every ConvNeXt block and up block of a decoder (or encoder) to the
-chunked forward; ``rows=None`` switches back. It sets an instance ``forward``; no parameter, name or state_dict
-key changes.
+chunked forward (up blocks: their ``conv2_input``); ``rows=None`` switches back. It sets an instance method; no
+parameter, name or state_dict key changes.
 """
 
 from __future__ import annotations
@@ -29,11 +29,9 @@ import types
 
 import torch
 import torch.nn as nn
-
 import torch.nn.functional as F
 
 from ..sparse import SparseTensor
-from ..sparse.spatial import channel2spatial
 from .sparse_unet_vae import SparseConvNeXtBlock3d, SparseResBlockC2S3d, _ln32
 
 _ROWS_ATTR = "_trellis2_chunk_rows"
@@ -55,22 +53,16 @@ def _chunked_forward(self: SparseConvNeXtBlock3d, x: SparseTensor) -> SparseTens
     return x.replace(out)
 
 
-def _chunked_up_forward(self: SparseResBlockC2S3d, x: SparseTensor, guide: SparseTensor | None = None):
-    """``SparseResBlockC2S3d.forward`` with conv2's LN + SiLU in row chunks of ``self._trellis2_chunk_rows``."""
+def _chunked_conv2_input(self: SparseResBlockC2S3d, feats: torch.Tensor) -> torch.Tensor:
+    """``SparseResBlockC2S3d.conv2_input`` in row chunks of ``self._trellis2_chunk_rows``, in place."""
     rows = getattr(self, _ROWS_ATTR)
-    sub, logits = self.subdivide(x, guide)
-    h = self.conv1(x.replace(F.silu(_ln32(self.norm1, x.feats))))
-    h = channel2spatial(h, sub)  # [Nf, co], a fresh tensor (an index gather): safe to overwrite
-    skip = channel2spatial(x, sub).feats
-    skip = skip.repeat_interleave(self.out_channels // (self.channels // 8), dim=1)
-    feats = h.feats
     for r0 in range(0, feats.shape[0], rows):
         feats[r0 : r0 + rows] = F.silu(_ln32(None, feats[r0 : r0 + rows]))
-    h = self.conv2(h.replace(feats))
-    return h.replace(h.feats + skip), logits
+    return feats
 
 
-_CHUNKED = {SparseConvNeXtBlock3d: _chunked_forward, SparseResBlockC2S3d: _chunked_up_forward}
+# block type -> (method replaced on the instance, chunked version)
+_CHUNKED = {SparseConvNeXtBlock3d: ("forward", _chunked_forward), SparseResBlockC2S3d: ("conv2_input", _chunked_conv2_input)}
 
 
 def chunk_decoder(model: nn.Module, rows: int | None) -> int:
@@ -80,15 +72,16 @@ def chunk_decoder(model: nn.Module, rows: int | None) -> int:
         raise ValueError(f"chunk_decoder: rows must be a positive integer or None; got {rows!r}")
     count = 0
     for module in model.modules():
-        forward = _CHUNKED.get(type(module))
-        if forward is None:
+        entry = _CHUNKED.get(type(module))
+        if entry is None:
             continue
+        name, chunked = entry
         if rows is None:
-            module.__dict__.pop("forward", None)
+            module.__dict__.pop(name, None)
             module.__dict__.pop(_ROWS_ATTR, None)
         else:
             module.__dict__[_ROWS_ATTR] = rows
-            module.__dict__["forward"] = types.MethodType(forward, module)
+            module.__dict__[name] = types.MethodType(chunked, module)
         count += 1
     return count
 

@@ -129,8 +129,13 @@ class SparseResBlockC2S3d(nn.Module):
         h = channel2spatial(h, sub)  # [Nf, co]
         skip = channel2spatial(x, sub).feats  # [Nf, c/8], each channel repeated co/(c/8) times consecutively
         skip = skip.repeat_interleave(self.out_channels // (self.channels // 8), dim=1)
-        h = self.conv2(h.replace(F.silu(_ln32(None, h.feats))))
+        h = self.conv2(h.replace(self.conv2_input(h.feats)))
         return h.replace(h.feats + skip), logits
+
+    def conv2_input(self, feats: torch.Tensor) -> torch.Tensor:
+        """SiLU(LN(h)) before conv2 (no affine). ``feats`` is a fresh tensor channel2spatial made: the chunked
+        variant (models/decoder_chunking.py) overwrites it in place."""
+        return F.silu(_ln32(None, feats))
 
 
 # ------------------------------------------------------------------------------------------------------ configs

@@ -101,7 +101,7 @@ class GraphedModel:
         if not self._can_capture(x):
             return self.model(x, t, cond, **kwargs)
         args = (x, t, cond) + tuple(kwargs.values())
-        key = (tuple(kwargs), *(_signature(v) for v in args))
+        key = self.key(x, t, cond, **kwargs)
         entry = self._entries.get(key)
         if entry is _EAGER:
             return self.model(x, t, cond, **kwargs)
@@ -114,6 +114,11 @@ class GraphedModel:
                 return self.model(x, t, cond, **kwargs)
         self.replays += 1
         return entry.run(args)
+
+    @staticmethod
+    def key(x, t, cond, **kwargs) -> tuple:
+        """The graph key of a call (see the module docstring)."""
+        return (tuple(kwargs), *(_signature(v) for v in (x, t, cond, *kwargs.values())))
 
     def _can_capture(self, x) -> bool:
         feats = x.feats if isinstance(x, SparseTensor) else x

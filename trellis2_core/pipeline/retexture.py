@@ -28,8 +28,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import InputError
-from ..mesh.bake import bake_textures, stop_if_asked
+from ..errors import InputError, stop_if_asked
+from ..mesh.bake import bake_textures
 from ..mesh.mesh import Mesh, vertex_normals, yup_to_zup
 from ..mesh.topology import triangle_areas
 from ..mesh.uv import unwrap
