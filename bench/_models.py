@@ -171,7 +171,7 @@ class FlopCounter:
                 m.register_forward_hook(self._conv3d)
         cfg = getattr(model, "config", None)
         if cfg is not None and hasattr(cfg, "num_heads"):
-            model.register_forward_pre_hook(self._attention)
+            model.register_forward_pre_hook(self._attention, with_kwargs=True)
 
     def _linear(self, m, inp, out):
         self.flops += 2.0 * (inp[0].numel() // m.in_features) * m.in_features * m.out_features
@@ -183,12 +183,14 @@ class FlopCounter:
         k = math.prod(m.kernel_size)
         self.flops += 2.0 * (out.numel() // m.out_channels) * k * m.in_channels * m.out_channels // m.groups
 
-    def _attention(self, model, args):
+    def _attention(self, model, args, kwargs):
         x, cond = args[0], args[2]
         b, length = cond.shape[0], cond.shape[1]
         n = (x.feats.shape[0] if isinstance(x, SparseTensor) else x[0, 0].numel()) / b
         c = model.config.model_channels
-        self.flops += model.config.num_blocks * b * 4.0 * n * (n + length) * c
+        attending = kwargs.get("zero_cond_from")  # items from here on skip cross-attention (zero condition)
+        attending = b if attending is None else attending
+        self.flops += model.config.num_blocks * 4.0 * n * (b * n + attending * length) * c
 
 
 class CountingGraphedModel(GraphedModel):
@@ -198,6 +200,9 @@ class CountingGraphedModel(GraphedModel):
     bench_pipeline.py installs it as ``pipeline.guidance.GraphedModel`` (a module global, not library code)."""
 
     counter: FlopCounter | None = None
+    trace: list | None = None  # set to a list: one (stage, kind, rows, host ms of the call, host ms since the last)
+    stage = ""
+    _last = 0.0
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -205,8 +210,16 @@ class CountingGraphedModel(GraphedModel):
 
     def __call__(self, x, t, cond, **kwargs):
         c = self.counter
-        f0, r0 = (c.flops if c else 0.0), self.replays
+        f0, r0, k0 = (c.flops if c else 0.0), self.replays, self.captures
+        t0 = time.perf_counter()
         out = super().__call__(x, t, cond, **kwargs)
+        if self.trace is not None:
+            t1 = time.perf_counter()
+            kind = "capture" if self.captures > k0 else "replay" if self.replays > r0 else "eager"
+            rows = x.feats.shape[0] if isinstance(x, SparseTensor) else x.shape[0]
+            gap = 1e3 * (t0 - CountingGraphedModel._last) if CountingGraphedModel._last else 0.0
+            self.trace.append((self.stage, kind, rows, 1e3 * (t1 - t0), gap))
+            CountingGraphedModel._last = t1
         if c is not None and self.replays > r0:
             key = self.key(x, t, cond, **kwargs)
             if c.flops > f0:
@@ -233,6 +246,7 @@ class TimedComponents(Components):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
+        CountingGraphedModel.stage, CountingGraphedModel._last = role, 0.0
         with super().use(role) as model:
             if id(model) not in self._hooked:
                 self.counter.attach(model)

@@ -161,6 +161,16 @@ def report(ptype: str, info: dict, comps: M.TimedComponents, ceiling: float, bud
          kind="total", ptype=ptype, budget=budget, ceiling=ceiling, **info)  # fmt: skip
 
 
+def print_trace(ptype: str, wall: float, trace: list) -> None:
+    """One line per stage: the sampler's model calls as kind/host-ms (gap before the call, ms, when > 5)."""
+    emit(f"\n# trace {ptype} (wall {wall:.3f} s): kind rows host_ms [+gap_ms]")
+    stages: dict[str, list] = {}
+    for stage, kind, rows, host, gap in trace:
+        stages.setdefault(stage, []).append(f"{kind[0]}{rows}:{host:.0f}" + (f"[+{gap:.0f}]" if gap > 5 else ""))
+    for stage, calls in stages.items():
+        emit(f"{stage:<18} " + " ".join(calls))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", nargs="*", default=["512", "1024_cascade", "1536_cascade"])
@@ -174,6 +184,7 @@ def main() -> None:
     ap.add_argument("--log", default=None, help="append rows as JSON lines to this file")
     ap.add_argument("--no-graphs", action="store_true", help="sampling loops eager (TRELLIS2_CUDA_GRAPHS=0)")
     ap.add_argument("--attention", default=None, help="SDPA backend (TRELLIS2_ATTENTION_BACKEND); default auto")
+    ap.add_argument("--trace", action="store_true", help="print every sampler model call: kind, host ms, gap")
     args = ap.parse_args()
     if args.no_graphs:
         os.environ["TRELLIS2_CUDA_GRAPHS"] = "0"
@@ -210,7 +221,10 @@ def main() -> None:
         try:
             runs = []
             for _ in range(max(1, args.repeat)):
+                M.CountingGraphedModel.trace = [] if args.trace else None
                 info = run_pipeline(ptype, comps, cond)
+                if args.trace:
+                    print_trace(ptype, info["wall"], M.CountingGraphedModel.trace)
                 runs.append((info["wall"], info, list(comps.records)))
             runs.sort(key=lambda r: r[0])
             _, info, comps.records = runs[len(runs) // 2]

@@ -122,6 +122,45 @@ def test_cuda_sparse_models_replay_with_their_coordinates_and_kwargs():
     assert graphed.captures == 2
 
 
+class _Heavy(torch.nn.Module):
+    """Little host work, a lot of GPU work (40 chained 4096^2 matmuls): the GPU is always behind the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64)
+
+    def forward(self, x, t, cond):
+        for _ in range(40):
+            x = torch.tanh(x @ self.w)
+        return x
+
+
+@pytest.mark.cuda
+def test_cuda_gpu_bound_keys_stay_eager():
+    m = _Heavy()
+    graphed = GraphedModel(m)
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        outs = [graphed(x, None, None) for _ in range(4)]  # no sync between calls: the host stays ahead
+        ref = m(x, None, None)
+    assert graphed.captures == 0 and graphed.gpu_bound == 1 and graphed.replays == 0
+    assert all(torch.equal(o, ref) for o in outs)
+
+
+@pytest.mark.cuda
+def test_cuda_batch_sizes_with_few_expected_calls_stay_eager():
+    m = _model("SparseStructureFlowModel", "cuda")
+    graphed = GraphedModel(m, expected_calls={1: 3, 2: 9})
+    assert cuda_graphs.MIN_CALLS > 3
+    with torch.no_grad():
+        for step in range(4):
+            for b in (2, 1):
+                x = torch.randn(b, 8, 4, 4, 4, device="cuda")
+                t, cond = torch.full((b,), 900.0 - 100 * step, device="cuda"), torch.randn(b, 3, 16, device="cuda")
+                assert torch.equal(graphed(x, t, cond), m(x, t, cond))
+    assert graphed.captures == 1 and graphed.replays == 3  # batch 2 only
+
+
 class _Syncing(torch.nn.Module):
     """Reads a value back to the host in every forward: never capturable."""
 

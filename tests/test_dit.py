@@ -194,6 +194,47 @@ def test_ss_flow_batch_items_are_independent():
     assert_close_rel(both[1:], alone, rtol=1e-5)
 
 
+def _q_rows(model):
+    """Rows seen by every cross-attention query projection (forward hooks)."""
+    rows = []
+    for block in model.blocks:
+        block.cross_attn.to_q.register_forward_hook(lambda m, i, o: rows.append(i[0].numel() // i[0].shape[-1]))
+    return rows
+
+
+@pytest.mark.parametrize("lengths", [None, [31, 31], [37, 23], [0, 19]])  # SS dense; SLat dense view, varlen, empty item
+def test_zero_condition_items_skip_cross_attention_with_the_same_result(lengths):
+    """Items whose condition is all zeros (the sampler's negative condition) get the constant cross-attention output
+    instead of attending: same velocity up to rounding, and their tokens never reach to_q."""
+    dense = lengths is None
+    m = _model("SparseStructureFlowModel" if dense else "SLatFlowModel")
+    assert type(m).accepts_zero_cond_from
+    cond = torch.cat([torch.randn(1, 5, 16), torch.zeros(1, 5, 16)])
+    t = torch.tensor([900.0, 900.0])
+    x = torch.randn(2, 8, 4, 4, 4) if dense else _sparse(lengths, TINY["in_channels"])
+    tokens = [64, 64] if dense else lengths
+    rows = _q_rows(m)
+    with torch.no_grad():
+        full = m(x, t, cond)
+        assert rows == [sum(tokens)] * 2
+        rows.clear()
+        fast = m(x, t, cond, zero_cond_from=1)
+        assert rows == [tokens[0]] * 2  # only the conditioned item's tokens are projected and attended
+        rows.clear()
+        none = m(x, t, torch.zeros_like(cond), zero_cond_from=0)
+        assert rows == []
+        ref_none = m(x, t, torch.zeros_like(cond))
+    f = (lambda v: v) if dense else (lambda v: v.feats)
+    split = 1 if dense else tokens[0]
+    for part, what in ((slice(None, split), "conditioned item"), (slice(split, None), "zero-condition item")):
+        if f(full)[part].numel():
+            assert_close_rel(f(fast)[part], f(full)[part], rtol=1e-6, what=f"zero_cond_from=1, {what}")
+    assert_close_rel(f(none), f(ref_none), rtol=1e-6, what="zero_cond_from=0")
+    with pytest.raises(ValueError, match="zero_from must be in"):
+        with torch.no_grad():
+            m(x, t, cond, zero_cond_from=3)
+
+
 def test_attention_backend_is_read_at_call_time(monkeypatch):
     m = _model("SparseStructureFlowModel")
     x, t, cond = torch.randn(1, 8, 4, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 16)

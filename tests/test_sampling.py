@@ -137,6 +137,29 @@ def test_extra_kwargs_reach_every_call_and_are_doubled_when_batched():
     assert calls[0][2].tolist() == [1, 1, 0, 0] and calls[0][3]["flag"] == 7
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_zero_neg_cond_tells_the_model_which_items_are_negative(batched):
+    """zero_neg_cond=True: every evaluation of neg_cond carries zero_cond_from (the first negative item); the
+    conditional ones carry nothing; results are unchanged for a model that ignores it."""
+    calls = []
+    x, cond, neg = torch.randn(2, 3), torch.tensor([0.8, -0.3]), torch.zeros(2)
+    p = SamplerParams(steps=4, guidance_strength=3.0, guidance_interval=(0.5, 1.0))
+    res = sample(toy_model(calls), x, cond, neg, p, batched_cfg=batched, zero_neg_cond=True)
+    guided = sum(p.guided(t) for t in time_grid(4, 1.0)[:-1])
+    for _, _, c, extra in calls:
+        if c is neg:
+            assert extra == {"zero_cond_from": 0}
+        elif c.shape[0] == 4:  # the batched pair: items 2.. are the negative condition
+            assert extra == {"zero_cond_from": 2} and torch.equal(c, torch.cat([cond, neg]))
+        else:
+            assert c is cond and extra == {}
+    assert sum("zero_cond_from" in e for *_, e in calls) == guided
+    assert torch.equal(res.samples, sample(toy_model(), x, cond, neg, p, batched_cfg=batched).samples)
+    calls.clear()
+    sample(toy_model(calls), x, cond, neg, SamplerParams(steps=2, guidance_strength=0.0), zero_neg_cond=True)
+    assert [e for *_, e in calls] == [{"zero_cond_from": 0}] * 2  # the g = 0 branch evaluates neg_cond only
+
+
 # ----------------------------------------------------------------------------------------------- callbacks
 def test_progress_and_no_trajectory_by_default(gold):
     seen = []

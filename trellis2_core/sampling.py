@@ -140,6 +140,7 @@ def sample(
     should_stop: Callable[[], bool] | None = None,
     extra_kwargs: Mapping[str, Any] | None = None,
     batched_cfg: bool = False,
+    zero_neg_cond: bool = False,
     return_trajectory: bool = False,
 ) -> SampleResult:
     """Integrate the flow from ``noise`` (t = 1) to a sample (t = 0) with ``params.steps`` Euler steps.
@@ -158,6 +159,9 @@ def sample(
             extra_kwargs (Tensor or SparseTensor, taken to be per batch item) are concatenated along the batch (sparse:
             the second copy's batch indices shifted by B). Only valid for models whose items are independent (every
             TRELLIS.2 flow model: sparse attention is per item); needs cond and neg_cond as tensors of equal shape.
+        zero_neg_cond: neg_cond is all zeros and model_fn takes ``zero_cond_from=k`` ("batch items k.. have an
+            all-zero condition"; the TRELLIS.2 flow models then skip their cross-attention, whose output for a
+            zero condition is one constant vector): passed on every call that evaluates neg_cond.
         return_trajectory: also keep x and the x0 prediction after every step (costs memory; off by default).
     """
     if not isinstance(params, SamplerParams):
@@ -174,7 +178,7 @@ def sample(
                 "batched_cfg needs cond and neg_cond as tensors of one shape (they are concatenated along the batch); "
                 f"got {_describe(cond)} and {_describe(neg_cond)}. Pass batched_cfg=False."
             )
-    runner = _ModelRunner(model_fn, dict(extra_kwargs or {}), batched_cfg)
+    runner = _ModelRunner(model_fn, dict(extra_kwargs or {}), batched_cfg, zero_neg_cond)
     s = params.sigma_min
     x = noise
     traj_x: list[Latent] | None = [] if return_trajectory else None
@@ -202,7 +206,7 @@ def _velocity(runner: _ModelRunner, x: Latent, t: float, cond, neg_cond, params:
     if not params.guided(t):
         return runner.single(x, t, cond)
     if g == 0:  # the reference's explicit branch: negative condition only, no rescale
-        return runner.single(x, t, neg_cond)
+        return runner.single(x, t, neg_cond, negative=True)
     v_pos, v_neg = runner.pair(x, t, cond, neg_cond)
     v = g * v_pos + (1 - g) * v_neg
     r = params.guidance_rescale
@@ -244,9 +248,11 @@ def _item_std(x: Latent, values: torch.Tensor) -> torch.Tensor:
 class _ModelRunner:
     """Calls the velocity model (one condition, or cond + uncond separately or batched) and counts calls."""
 
-    def __init__(self, model_fn, extra: dict[str, Any], batched: bool):
+    def __init__(self, model_fn, extra: dict[str, Any], batched: bool, zero_neg: bool = False):
         self.model_fn, self.extra, self.batched, self.calls = model_fn, extra, batched, 0
+        self.zero_neg = zero_neg
         self._extra2: dict[str, Any] | None = None
+        self._cond2: tuple[Any, Any, torch.Tensor] | None = None
 
     def _call(self, x: Latent, t: float, cond, extra) -> torch.Tensor:
         n_items = x.shape[0] if isinstance(x, torch.Tensor) else x.batch_size
@@ -262,15 +268,22 @@ class _ModelRunner:
             )
         return _feats(out)
 
-    def single(self, x: Latent, t: float, cond) -> torch.Tensor:
-        return self._call(x, t, cond, self.extra)
+    def _negative(self, extra: dict[str, Any], first: int) -> dict[str, Any]:
+        """extra plus ``zero_cond_from=first`` when the negative condition is zeros the model knows to skip."""
+        return {**extra, "zero_cond_from": first} if self.zero_neg else extra
+
+    def single(self, x: Latent, t: float, cond, *, negative: bool = False) -> torch.Tensor:
+        return self._call(x, t, cond, self._negative(self.extra, 0) if negative else self.extra)
 
     def pair(self, x: Latent, t: float, cond, neg_cond) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.batched:
-            return self._call(x, t, cond, self.extra), self._call(x, t, neg_cond, self.extra)
+            return self._call(x, t, cond, self.extra), self._call(x, t, neg_cond, self._negative(self.extra, 0))
         if self._extra2 is None:  # per-item kwargs are the same every step: double them once
-            self._extra2 = {k: _double(v) for k, v in self.extra.items()}
-        v = self._call(_double(x), t, torch.cat([cond, neg_cond]), self._extra2)
+            items = x.shape[0] if isinstance(x, torch.Tensor) else x.batch_size
+            self._extra2 = self._negative({k: _double(v) for k, v in self.extra.items()}, items)
+        if self._cond2 is None or self._cond2[0] is not cond or self._cond2[1] is not neg_cond:
+            self._cond2 = (cond, neg_cond, torch.cat([cond, neg_cond]))  # the same pair every step: concatenate once
+        v = self._call(_double(x), t, self._cond2[2], self._extra2)
         n = v.shape[0] // 2
         return v[:n], v[n:]
 

@@ -118,6 +118,7 @@ class FlowDiT(nn.Module):
     """
 
     Config = FlowDiTConfig
+    accepts_zero_cond_from = True  # forward(..., zero_cond_from=k): items k.. have an all-zero cond (the sampler's)
 
     def __init__(self, config: FlowDiTConfig, *, device=None, dtype: torch.dtype | None = None, ops=None):
         super().__init__()
@@ -201,8 +202,13 @@ class SparseStructureFlowModel(FlowDiT):
             self._rope_cache[device] = phases
         return phases
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x [B, in, R, R, R], t [B] (1000*t), cond [B, L, Cc] -> [B, out, R, R, R] in x's dtype."""
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, zero_cond_from: int | None = None
+    ) -> torch.Tensor:
+        """x [B, in, R, R, R], t [B] (1000*t), cond [B, L, Cc] -> [B, out, R, R, R] in x's dtype.
+
+        zero_cond_from: the caller's promise that cond[zero_cond_from:] is all zeros (the negative condition):
+        their cross-attention is one constant vector, not computed per token (``CrossAttention.forward``)."""
         cfg = self.config
         expected = (cfg.in_channels,) + (cfg.resolution,) * 3
         if not torch.is_tensor(x) or x.dim() != 5 or tuple(x.shape[1:]) != expected:
@@ -216,6 +222,6 @@ class SparseStructureFlowModel(FlowDiT):
         cond = cond.to(self.dtype)
         phases = self.rope_phases(x.device)
         for block in self.blocks:
-            h = block(h, mod, cond, phases)
+            h = block(h, mod, cond, phases, zero_from=zero_cond_from)
         out = self._head(h)  # [B, R^3, out]
         return out.transpose(1, 2).reshape(b, cfg.out_channels, *(cfg.resolution,) * 3).to(x.dtype)

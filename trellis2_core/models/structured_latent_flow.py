@@ -58,9 +58,11 @@ class SLatFlowModel(FlowDiT):
         t: torch.Tensor,
         cond: torch.Tensor,
         concat_cond: SparseTensor | None = None,
+        zero_cond_from: int | None = None,
     ) -> SparseTensor:
         """x [N, in] (or [N, in - Cconcat] with concat_cond), t [B], cond [B, L, Cc] -> SparseTensor [N, out]
-        (x's dtype, same coordinates and cache)."""
+        (x's dtype, same coordinates and cache). zero_cond_from: cond[zero_cond_from:] is all zeros (the
+        sampler's negative condition), so their cross-attention is skipped (``CrossAttention.forward``)."""
         cfg = self.config
         if not isinstance(x, SparseTensor):
             raise InputError(f"x: expected a SparseTensor of noisy latents; got {type(x).__name__}")
@@ -95,6 +97,6 @@ class SLatFlowModel(FlowDiT):
         else:
             varlen = self.varlen_layout(x)
         for block in self.blocks:
-            h = block(h, mod, cond, phases, varlen)
+            h = block(h, mod, cond, phases, varlen, zero_from=zero_cond_from)
         out = self._head(h.reshape(n, -1))
         return x.replace(out.to(x.feats.dtype))

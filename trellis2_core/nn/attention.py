@@ -233,9 +233,44 @@ class CrossAttention(nn.Module):
         self.to_out = ops.Linear(channels, channels, bias=True, device=device, dtype=dtype)
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, varlen: VarLen | None = None, *, norm_backend=None
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        varlen: VarLen | None = None,
+        *,
+        norm_backend=None,
+        zero_from: int | None = None,
     ) -> torch.Tensor:
-        """x: [B, L, C] or [N, C] (varlen); context: [B, Lc, Cc] (item b of x attends to context[b] only)."""
+        """x: [B, L, C] or [N, C] (varlen); context: [B, Lc, Cc] (item b of x attends to context[b] only).
+
+        zero_from: items ``zero_from..B-1`` have an all-zero context (the sampler's negative condition). Their keys
+        are then identical, attention over them is uniform, and its output is the (shared) value of a zero token
+        whatever the query: ``to_out(v(0))``, one vector, computed once here instead of attending (equal to the
+        full computation up to the rounding of a mean of identical values; tests/test_dit.py)."""
+        if zero_from is not None:
+            items = context.shape[0]
+            if not 0 <= zero_from <= items:
+                raise ValueError(f"zero_from must be in [0, {items}] (the batch size); got {zero_from}")
+            if zero_from < items:
+                return self._zero_tail(x, context, varlen, zero_from, norm_backend)
+        return self._attend_context(x, context, varlen, norm_backend)
+
+    def _zero_tail(self, x, context, varlen, first, norm_backend) -> torch.Tensor:
+        kv = self.to_kv(context[first : first + 1, :1]).unflatten(-1, (2, self.num_heads, self.head_dim))
+        const = self.to_out(kv[..., 1, :, :].flatten(-2))  # [1, 1, C]: what every token of a zero item gets
+        if varlen is None:  # dense [B, L, C]
+            zero = const.expand(x.shape[0] - first, x.shape[1], -1)
+            if first == 0:
+                return zero.contiguous()
+            return torch.cat([self._attend_context(x[:first], context[:first], None, norm_backend), zero])
+        split = varlen.offsets[first]
+        zero = const[0].expand(x.shape[0] - split, -1)
+        if first == 0:
+            return zero.contiguous()
+        head = VarLen(varlen.offsets[: first + 1], varlen.batch_index[:split])
+        return torch.cat([self._attend_context(x[:split], context[:first], head, norm_backend), zero])
+
+    def _attend_context(self, x, context, varlen, norm_backend) -> torch.Tensor:
         q = self.to_q(x).unflatten(-1, (self.num_heads, self.head_dim))
         k, v = self.to_kv(context).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(-3)
         if self.qk_rms_norm:

@@ -6,14 +6,24 @@ needed 23 ms (H100, SLat DiT, 2,984 tokens, batch 1, ``bench/dit_probe.py``). A 
 at once; at 12k+ tokens the GPU is the bottleneck and replay changes nothing (nor costs anything).
 
 How: ``GraphedModel(model)`` is called like the model, ``(x, t, cond, **kwargs)``. Calls are grouped by a key: the
-type, shape and dtype of every tensor argument, the coordinates (by identity) of every SparseTensor and the
-identity of every other argument. The first call of a key runs eagerly: it creates the model's lazy state for
-those inputs (Triton compilation, cuDNN plans for the shapes, the RoPE/varlen/batch-offset entries of the
-coordinate cache, module-level caches), which must not be created inside a capture (some of it synchronises
-with the host, and a capture that fails can leave the caching allocator routing into the graph's pool). The
-second call captures a graph over static input buffers and replays it; later calls copy their inputs into those
-buffers and replay. Outputs are copied out of the graph's memory (the sampler holds the conditional velocity while
-computing the unconditional one).
+type, shape and dtype of every tensor argument, the coordinates (by identity) of every SparseTensor, the value of
+every None/bool/int/float/str argument and the identity of every other one. The first call of a key runs eagerly:
+it creates the model's lazy state for those inputs (Triton compilation, cuDNN plans for the shapes, the
+RoPE/varlen/batch-offset entries of the coordinate cache, module-level caches), which must not be created inside a
+capture (some of it synchronises with the host; capturing a first-ever call fails on the GPU, checked with
+``bench/dit_probe.py --capture-first``). The second call captures a graph over static input buffers and replays
+it; later calls copy their inputs into those buffers and replay. Outputs are copied out of the graph's memory (the
+sampler holds the conditional velocity while computing the unconditional one).
+
+When a graph does not pay, the key stays eager:
+- GPU-bound keys. At the key's second call the wrapper asks (without waiting) whether the GPU has finished the
+  first call's work. If not, the host is ahead of the GPU (12k+ tokens): replaying would save nothing, and the
+  graph's pool would hold a second copy of the forward's activations. Results do not depend on the choice (replays
+  equal eager calls bit for bit).
+- Batch sizes called only a few times: ``expected_calls`` {batch size: calls in this loop} (the sampler knows its
+  schedule, ``pipeline/guidance.py``); a batch size expected fewer than ``MIN_CALLS`` times stays eager. The first
+  call and the capture each cost about one eager call of host time, so 2-3 calls (the guidance pair's unguided
+  steps) come out slower with a graph than without.
 
 Memory: all graphs of one wrapper share one pool, freed by ``close()`` (or leaving ``with``). ``torch.cuda.graph``
 empties the allocator's cache before capturing, but while the pool holds the batched pair's activations the first
@@ -37,7 +47,7 @@ import contextlib
 import contextvars
 import logging
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -46,7 +56,8 @@ from ..sparse import SparseTensor
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "TRELLIS2_CUDA_GRAPHS"
-_EAGER = object()  # marks a key whose capture failed
+_EAGER = object()  # marks a key that stays eager (GPU-bound, or its capture failed)
+MIN_CALLS = 4  # a batch size expected fewer calls than this per loop stays eager (module docstring)
 _DISABLED: list[str] = []  # set after a failed capture: no more captures in this process (see _capture)
 
 
@@ -74,14 +85,19 @@ def graphs_enabled() -> bool:
 class GraphedModel:
     """A velocity model whose repeated same-shape calls replay a CUDA graph; see the module docstring."""
 
-    def __init__(self, model: Callable[..., Any], *, enabled: bool = True):
+    def __init__(
+        self, model: Callable[..., Any], *, enabled: bool = True, expected_calls: Mapping[int, int] | None = None
+    ):
+        """expected_calls: {batch size: number of calls this loop will make}; batch sizes below MIN_CALLS stay
+        eager (None: no such limit)."""
         self.model = model
         self.enabled = enabled
+        self.eager_batches = {b for b, n in (expected_calls or {}).items() if n < MIN_CALLS}
         self.captures = 0
         self.replays = 0
         self.failed_captures = 0
+        self.gpu_bound = 0  # keys left eager because the GPU was still busy with their first call
         self._entries: dict[tuple, Any] = {}
-        self._seen: set[tuple] = set()
         self._resident: dict[torch.device, bool] = {}
         self._pool = None
 
@@ -94,20 +110,27 @@ class GraphedModel:
     def close(self) -> None:
         """Free every graph and its memory (the wrapper still works afterwards, eagerly until it captures again)."""
         self._entries.clear()
-        self._seen.clear()
         self._pool = None
 
     def __call__(self, x, t, cond, **kwargs):
-        if not self._can_capture(x):
+        if not self._can_capture(x) or _batch_size(x) in self.eager_batches:
             return self.model(x, t, cond, **kwargs)
         args = (x, t, cond) + tuple(kwargs.values())
         key = self.key(x, t, cond, **kwargs)
         entry = self._entries.get(key)
         if entry is _EAGER:
             return self.model(x, t, cond, **kwargs)
-        if entry is None:
-            if key not in self._seen:
-                self._seen.add(key)  # first call of this key: eager (see the module docstring)
+        if entry is None:  # first call of this key: eager, and mark where its GPU work ends (module docstring)
+            out = self.model(x, t, cond, **kwargs)
+            done = torch.cuda.Event()
+            done.record()
+            self._entries[key] = _FirstCall(done)
+            return out
+        if isinstance(entry, _FirstCall):
+            if not entry.done.query():  # the GPU is still on the first call: GPU-bound, a graph saves nothing
+                self.gpu_bound += 1
+                self._entries[key] = _EAGER
+                logger.debug("CUDA graphs: key of %s left eager (GPU-bound)", type(self.model).__name__)
                 return self.model(x, t, cond, **kwargs)
             entry = self._capture(key, args, tuple(kwargs))
             if entry is _EAGER:
@@ -199,7 +222,20 @@ def _signature(v: Any) -> tuple:
         return ("T", tuple(v.shape), v.dtype, v.device)
     if isinstance(v, SparseTensor):
         return ("S", tuple(v.feats.shape), v.feats.dtype, v.feats.device, id(v.coords), v.coords.data_ptr())
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return ("V", type(v), v)
     return ("O", id(v))
+
+
+def _batch_size(x) -> int:
+    return x.batch_size if isinstance(x, SparseTensor) else x.shape[0]
+
+
+class _FirstCall:
+    """A key whose first (eager) call has been made; ``done`` is recorded after its GPU work."""
+
+    def __init__(self, done: torch.cuda.Event):
+        self.done = done
 
 
 class _Entry:

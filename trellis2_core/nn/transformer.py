@@ -94,6 +94,7 @@ class ModulatedTransformerCrossBlock(nn.Module):
         context: torch.Tensor,
         phases: torch.Tensor | None = None,
         varlen: VarLen | None = None,
+        zero_from: int | None = None,
     ) -> torch.Tensor:
         """One block.
 
@@ -101,15 +102,16 @@ class ModulatedTransformerCrossBlock(nn.Module):
         mod:     [B, 6C] shared modulation in the block dtype.
         context: [B, Lc, Cc] condition tokens in the block dtype.
         phases:  RoPE phases complex64 broadcastable to the tokens ([L, D/2], [B, L, D/2] or [N, D/2]).
+        zero_from: items zero_from.. have an all-zero context (``CrossAttention.forward``); None: not known.
         ->       same shape and dtype as x.
         """
         if varlen is None and x.is_cuda and _compile_mode() is not None:
             fn = _compiled_block(_compile_mode())
             if fn is not None:
-                return fn(self, x, mod, context, phases, "torch")
-        return self._forward(x, mod, context, phases, varlen, None)
+                return fn(self, x, mod, context, phases, "torch", zero_from)
+        return self._forward(x, mod, context, phases, varlen, None, zero_from)
 
-    def _forward(self, x, mod, context, phases, varlen, norm_backend):
+    def _forward(self, x, mod, context, phases, varlen, norm_backend, zero_from=None):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = split_modulation(
             self.modulation, mod, lambda v: per_token(v, varlen)
         )
@@ -122,14 +124,14 @@ class ModulatedTransformerCrossBlock(nn.Module):
         else:  # injected casting ops (ComfyUI): let the module apply its own weights
             x, _ = rn(x, y, gate_msa, norm=False, backend=norm_backend)
             h = layer_norm_32(x, n2)
-        y = self.cross_attn(h, context, varlen, norm_backend=norm_backend)
+        y = self.cross_attn(h, context, varlen, norm_backend=norm_backend, zero_from=zero_from)
         x, h = rn(x, y, shift=shift_mlp, scale=scale_mlp, backend=norm_backend)
         x, _ = rn(x, self.mlp(h), gate_mlp, norm=False, backend=norm_backend)
         return x
 
 
-def _run_block(block, x, mod, context, phases, norm_backend):
-    return block._forward(x, mod, context, phases, None, norm_backend)
+def _run_block(block, x, mod, context, phases, norm_backend, zero_from=None):
+    return block._forward(x, mod, context, phases, None, norm_backend, zero_from)
 
 
 @contextlib.contextmanager

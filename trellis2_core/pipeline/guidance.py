@@ -3,7 +3,9 @@
 The negative condition is all-zero tokens of the condition's shape (SPEC 13.4). Guided steps evaluate the
 condition and the negative condition as one batch of two by default: every TRELLIS.2 flow treats batch items
 independently (sparse attention is per item), so this is exact and halves the number of model launches;
-pass ``batched_cfg=False`` to trade that speed for the memory of one item.
+pass ``batched_cfg=False`` to trade that speed for the memory of one item. Models that declare
+``accepts_zero_cond_from`` (the TRELLIS.2 flows) are told which items carry the zero condition and skip their
+cross-attention (``nn/attention.py``, ``CrossAttention``).
 
 A condition of V > 1 views ([V, L, C]) goes through ``multiview.prepare`` (see multiview.py for the modes);
 V = 1 takes the single-view path unchanged.
@@ -19,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..sampling import SamplerParams, sample
+from ..sampling import SamplerParams, sample, time_grid
 from ..errors import InputError
 from ..nn.cuda_graphs import GraphedModel
 from ..sparse import SparseTensor
@@ -49,7 +51,9 @@ def run_sampler(
     multiview.check_mode(multiview_mode)
     cond = cond.to(noise.device)
     neg_cond = torch.zeros_like(cond)
-    with GraphedModel(model, enabled=cuda_graphs) as graphed:  # the multi-view wrapper calls the graphed model
+    calls = _calls_per_batch(params, _batch(noise), batched_cfg, cond.shape[0] if multiview_mode == "average" else 1)
+    # the multi-view wrapper calls the graphed model
+    with GraphedModel(model, enabled=cuda_graphs, expected_calls=calls) as graphed:
         model_fn = graphed
         if cond.shape[0] > 1:
             model_fn, cond, neg_cond, progress, batched_cfg = multiview.prepare(
@@ -65,5 +69,18 @@ def run_sampler(
             should_stop=should_stop,
             extra_kwargs=model_kwargs,
             batched_cfg=batched_cfg,
+            zero_neg_cond=bool(getattr(model, "accepts_zero_cond_from", False)),
         )
     return result.samples
+
+
+def _batch(x: torch.Tensor | SparseTensor) -> int:
+    return x.batch_size if isinstance(x, SparseTensor) else x.shape[0]
+
+
+def _calls_per_batch(params: SamplerParams, batch: int, batched_cfg: bool, views: int) -> dict[int, int]:
+    """{batch size: model calls} the sampler will make (``views``: calls per evaluation, multi-view "average")."""
+    guided = sum(params.guided(t) for t in time_grid(params.steps, params.rescale_t)[:-1])
+    if not batched_cfg or params.guidance_strength == 0 or views > 1:  # "average" never batches the pair
+        return {batch: params.model_calls() * views}
+    return {batch: params.steps - guided, 2 * batch: guided}
