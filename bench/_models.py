@@ -31,6 +31,16 @@ PIPELINE = json.loads((MANIFESTS / "pipeline.json").read_text())["args"]
 ROLES = PIPELINE["models"]  # role -> "ckpts/<name>" (manifest file = last path part)
 
 
+def official_sizes() -> dict:
+    """{role: ModelSize} of the official pipeline from the manifests, plus DINOv3 ViT-L (for the memory planner)."""
+    from trellis2.trellis2_core.pipeline.memory import DINOV3_VITL16_BYTES, IMAGE_COND, ModelSize, sizes_from_manifests
+
+    manifests = {role: json.loads((MANIFESTS / f"{path.split('/')[-1]}.json").read_text()) for role, path in ROLES.items()}
+    out = sizes_from_manifests(manifests)
+    out[IMAGE_COND] = ModelSize(IMAGE_COND, "image_cond", DINOV3_VITL16_BYTES)
+    return out
+
+
 def normalization(key: str) -> Normalization:
     e = PIPELINE[key]
     return Normalization(mean=tuple(e["mean"]), std=tuple(e["std"]))
@@ -233,8 +243,8 @@ class CountingGraphedModel(GraphedModel):
 class TimedComponents(Components):
     """Components that records, per ``use``: role, load/move time, run time, peak memory, FLOPs."""
 
-    def __init__(self, loaders, device, *, policy="keep", pinned: bool = False):
-        super().__init__(loaders, device, policy=policy)
+    def __init__(self, loaders, device, *, policy="keep", pinned: bool = False, plan=None):
+        super().__init__(loaders, device, policy=policy, plan=plan)
         self.pinned = pinned and policy == "offload"
         self._pinned: dict[str, dict[str, torch.Tensor]] = {}
         self.records: list[dict] = []

@@ -38,6 +38,7 @@ from trellis2.trellis2_core.pipeline.decode import decode_material, decode_shape
 from trellis2.trellis2_core.pipeline.material import sample_material  # noqa: E402
 from trellis2.trellis2_core.pipeline.shape import sample_shape  # noqa: E402
 from trellis2.trellis2_core.pipeline.structure import sample_structure  # noqa: E402
+from trellis2.trellis2_core.pipeline.memory import plan_memory  # noqa: E402
 from trellis2.trellis2_core.pipeline.types import Conditioning, Structure, plan  # noqa: E402
 from trellis2.trellis2_core.sampling import SamplerParams  # noqa: E402
 
@@ -185,6 +186,8 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true", help="sampling loops eager (TRELLIS2_CUDA_GRAPHS=0)")
     ap.add_argument("--attention", default=None, help="SDPA backend (TRELLIS2_ATTENTION_BACKEND); default auto")
     ap.add_argument("--trace", action="store_true", help="print every sampler model call: kind, host ms, gap")
+    ap.add_argument("--plan", action="store_true",
+                    help="with --vram-budget: run under the engine's memory plan for it (streaming, chunked decoders)")  # fmt: skip
     args = ap.parse_args()
     if args.no_graphs:
         os.environ["TRELLIS2_CUDA_GRAPHS"] = "0"
@@ -205,8 +208,15 @@ def main() -> None:
     if not args.no_kernels:
         conv_table(ceiling)
     policy = args.policy or ("offload" if args.vram_budget else "keep")
+    mem_plan = None
+    if args.plan:
+        if not args.vram_budget or len(args.types) != 1:
+            raise SystemExit("--plan needs --vram-budget and one --types entry")
+        mem_plan = plan_memory(M.official_sizes(), dev, args.vram_budget, pipeline_type=args.types[0])
+        policy = mem_plan.policy
+        emit(f"# memory plan: {mem_plan.summary()}")
     loaders = {role: (lambda r=role: M.build(r, dev)) for role in M.ROLES}
-    comps = M.TimedComponents(loaders, dev, policy=policy, pinned=args.pinned)
+    comps = M.TimedComponents(loaders, dev, policy=policy, pinned=args.pinned, plan=mem_plan)
     M.CountingGraphedModel.counter = comps.counter
     guidance.GraphedModel = M.CountingGraphedModel  # replays run no hooks: count their FLOPs (see _models)
     gen = torch.Generator(device="cuda").manual_seed(1)

@@ -70,6 +70,45 @@ def gemm_table(ceil: float) -> None:
         print(f"{m:6d} " + " ".join(f"{c:>11}" for c in cells), flush=True)
 
 
+def fp8_table() -> None:
+    """What FP8 (e4m3, row-wise scales, torch._scaled_mm) would buy the DiT GEMMs: speed-up over bf16 F.linear for
+    the GEMM alone and with a plain-torch row quantisation of x, and the relative error of the result."""
+    f8 = torch.float8_e4m3fn
+    print("\n## FP8 row-wise GEMM vs bf16 (speed-up x; q = including x's row quantisation in torch; e = rel. error)")
+    shapes = [(C, 3 * C), (C, C), (C, 8192), (8192, C)]
+    print(f"{'M':>6} " + " ".join(f"{f'{k}->{n}':>22}" for k, n in shapes))
+
+    def quant(v):
+        s = v.abs().amax(-1, keepdim=True).float().clamp_min(1e-12) / 448.0
+        return (v.float() / s).to(f8), s
+
+    for m in [2984, 5968, 12512, 25024, 93248]:
+        cells = []
+        for k, n in shapes:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+            bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            wq, ws = quant(w)
+            xq, xs = quant(x)
+            def mm(a=xq, sa=xs, wq=wq, ws=ws, bias=bias):
+                return torch._scaled_mm(a, wq.t(), scale_a=sa, scale_b=ws.t(), bias=bias, out_dtype=torch.bfloat16,
+                                        use_fast_accum=True)  # fmt: skip
+
+            def full(x=x):
+                return mm(*quant(x))
+
+            try:
+                t16 = cuda_time(lambda: F.linear(x, w, bias), reps=20, warm=3)
+                t8, t8q = cuda_time(mm, reps=20, warm=3), cuda_time(full, reps=20, warm=3)
+                ref = F.linear(x.float(), w.float(), bias.float())
+                err = ((mm().float() - ref).norm() / ref.norm()).item()
+                cells.append(f"{t16 / t8:4.2f}x q{t16 / t8q:4.2f}x e{err:.0e}")
+            except RuntimeError as e:
+                cells.append(f"{'n/a':>22}")
+                print(f"   fp8: {str(e).splitlines()[0][:120]}")
+        print(f"{m:6d} " + " ".join(f"{c:>22}" for c in cells), flush=True)
+
+
 FAMILIES = [("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")), ("attention", ("flash", "fmha", "attention", "cudnn")),
             ("triton", ("triton", "_residual", "_rms")), ("elementwise", ("elementwise", "vectorized", "reduce", "copy", "cat"))]  # fmt: skip
 
@@ -135,33 +174,113 @@ def forward_table(ceil: float) -> None:
 
 
 def host_table() -> None:
-    """Where the host's time goes in one eager forward (launch-bound at small token counts)."""
+    """Where the host's time goes in one eager forward (launch-bound at small token counts), per attention backend,
+    and what one CUDA-graph capture costs the host (torch.cuda.graph's context vs a bare capture_begin/end)."""
     import time
+
+    from trellis2.trellis2_core.nn.attention import attention_backend
 
     dev = torch.device("cuda")
     ss = M.build("sparse_structure_flow_model", dev)
     x, t, cond = torch.randn(1, 8, 16, 16, 16, device=dev), torch.full((1,), 800.0, device=dev), torch.randn(1, 1029, CTX, device=dev)
+
+    def enqueue_ms(fn, reps=5):
+        ts = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)  # time to enqueue (the GPU runs behind)
+        torch.cuda.synchronize()
+        return 1e3 * sorted(ts)[len(ts) // 2]
+
+    print("\n## host: enqueueing one eager ss_flow forward (B=1, 4096 tokens), ms (median of 5)")
     with torch.no_grad():
-        for _ in range(3):
-            ss(x, t, cond)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        ss(x, t, cond)
-        host = time.perf_counter() - t0  # time to enqueue (the GPU runs behind)
-        torch.cuda.synchronize()
+        for name in ("auto", "flash", "efficient"):
+            with attention_backend(name):
+                for _ in range(2):
+                    ss(x, t, cond)
+                print(f"  attention {name:<10} {enqueue_ms(lambda: ss(x, t, cond)):8.1f}")
+        from trellis2.kernels import dit_norm
+
+        with dit_norm.use_backend("torch"):
+            for _ in range(2):
+                ss(x, t, cond)
+            print(f"  dit_norm torch       {enqueue_ms(lambda: ss(x, t, cond)):8.1f}  (attention auto)")
+        for how in ("torch.cuda.graph", "capture_begin"):
+            ts = []
+            for _ in range(3):
+                g, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()  # a fresh pool per graph
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                if how == "torch.cuda.graph":
+                    with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
+                        ss(x, t, cond)
+                else:
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side):
+                        g.capture_begin(pool=pool, capture_error_mode="thread_local")
+                        try:
+                            ss(x, t, cond)
+                        finally:
+                            g.capture_end()
+                    torch.cuda.current_stream().wait_stream(side)
+                ts.append(time.perf_counter() - t0)
+                g.replay()
+                torch.cuda.synchronize()
+                del g
+            print(f"  capture via {how:<17} host ms: " + " ".join(f"{1e3 * v:.1f}" for v in ts))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             ss(x, t, cond)
             torch.cuda.synchronize()
-    print(f"\n## host: enqueueing one eager ss_flow forward (B=1, 4096 tokens) took {host * 1e3:.1f} ms")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+
+
+def capture_first(mode: str = "thread_local") -> None:
+    """Can a flow model's very first call be captured (no eager warm-up: Triton compilation, cuDNN plans and the
+    coordinate caches created inside the capture)? Run as the first thing in a fresh process."""
+    dev = torch.device("cuda")
+    print(f"\n## capture-first (fresh process, capture_error_mode={mode}): first-ever call captured, replay vs eager")
+    ss = M.build("sparse_structure_flow_model", dev)
+    x, t, cond = torch.randn(1, 8, 16, 16, 16, device=dev), torch.full((1,), 800.0, device=dev), torch.randn(1, 1029, CTX, device=dev)
+    sl = M.build("shape_slat_flow_model_512", dev)
+    coords = M.shell_coords(32, 0.36, 0.0, dev)
+    xs = SparseTensor(torch.randn(coords.shape[0], 32, device=dev), coords)
+    for label, model, args in (("ss_flow", ss, (x, t, cond)), ("slat", sl, (xs, t, cond))):
+        g = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.no_grad(), torch.cuda.stream(side):
+                g.capture_begin(capture_error_mode=mode)
+                try:
+                    out = model(*args)
+                finally:
+                    g.capture_end()
+            torch.cuda.current_stream().wait_stream(side)
+            g.replay()
+            with torch.no_grad():
+                ref = model(*args)
+            a, b = (o.feats if isinstance(o, SparseTensor) else o for o in (out, ref))
+            print(f"  {label}: captured; replay == eager: {torch.equal(a, b)} (max diff {(a - b).abs().max().item():.2e})")
+        except Exception as e:
+            print(f"  {label}: capture failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            break
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "gemm", "forward"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "gemm", "forward", "fp8"])
     ap.add_argument("--host", action="store_true", help="host-side (CPU) op costs of one eager SS forward, B=1")
+    ap.add_argument("--capture-first", nargs="?", const="thread_local", default=None, metavar="MODE",
+                    help="only: capture a first-ever forward (fresh process); MODE: capture_error_mode")  # fmt: skip
     args = ap.parse_args()
     import triton
+
+    if args.capture_first:
+        capture_first(args.capture_first)
+        return
 
     ceil = matmul_ceiling()
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
@@ -170,6 +289,8 @@ def main() -> None:
         sdpa_table(ceil)
     if "gemm" not in args.skip:
         gemm_table(ceil)
+    if "fp8" not in args.skip:
+        fp8_table()
     if "forward" not in args.skip:
         forward_table(ceil)
     if args.host:

@@ -123,14 +123,14 @@ def test_cuda_sparse_models_replay_with_their_coordinates_and_kwargs():
 
 
 class _Heavy(torch.nn.Module):
-    """Little host work, a lot of GPU work (40 chained 4096^2 matmuls): the GPU is always behind the host."""
+    """Little host work, a lot of GPU work (100 chained 4096^2 matmuls): the GPU is always far behind the host."""
 
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16) / 64)
 
     def forward(self, x, t, cond):
-        for _ in range(40):
+        for _ in range(100):
             x = torch.tanh(x @ self.w)
         return x
 
@@ -141,6 +141,8 @@ def test_cuda_gpu_bound_keys_stay_eager():
     graphed = GraphedModel(m)
     x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
+        m(x, None, None)  # cuBLAS set-up outside the timed first call
+        torch.cuda.synchronize()
         outs = [graphed(x, None, None) for _ in range(4)]  # no sync between calls: the host stays ahead
         ref = m(x, None, None)
     assert graphed.captures == 0 and graphed.gpu_bound == 1 and graphed.replays == 0
@@ -148,10 +150,22 @@ def test_cuda_gpu_bound_keys_stay_eager():
 
 
 @pytest.mark.cuda
+def test_cuda_host_bound_keys_are_captured_without_syncs_between_calls():
+    m = _model("SparseStructureFlowModel", "cuda")
+    graphed = GraphedModel(m)
+    x, t, cond = torch.randn(2, 8, 4, 4, 4, device="cuda"), torch.tensor([900.0, 900.0], device="cuda"), torch.randn(2, 3, 16, device="cuda")
+    with torch.no_grad():
+        outs = [graphed(x, t, cond) for _ in range(4)]  # back to back, as in the sampler
+        ref = m(x, t, cond)
+    assert graphed.captures == 1 and graphed.gpu_bound == 0 and graphed.replays == 3
+    assert all(torch.equal(o, ref) for o in outs)
+
+
+@pytest.mark.cuda
 def test_cuda_batch_sizes_with_few_expected_calls_stay_eager():
     m = _model("SparseStructureFlowModel", "cuda")
-    graphed = GraphedModel(m, expected_calls={1: 3, 2: 9})
-    assert cuda_graphs.MIN_CALLS > 3
+    graphed = GraphedModel(m, expected_calls={1: 2, 2: 9})
+    assert cuda_graphs.MIN_CALLS > 2
     with torch.no_grad():
         for step in range(4):
             for b in (2, 1):

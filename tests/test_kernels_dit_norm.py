@@ -167,6 +167,31 @@ def test_rms_norm_rope_triton_matches_reference(dtype, b, n, h, d):
 
 
 @pytest.mark.cuda
+def test_token_counts_do_not_recompile_the_kernels():
+    """Every image has another token count L: no new compile for L = 2984, 2985, 2992, 3001 once one ran (the row
+    and rows-per-item counts are not specialised; a specialised L cost ~1.7 s of compiles on the first run)."""
+    from trellis2.kernels.dit_norm import triton as tk
+
+    def compiled() -> int:
+        caches = [getattr(k, "device_caches", None) for k in (tk._residual_norm_kernel, tk._rms_norm_rope_kernel)]
+        if any(c is None for c in caches):
+            pytest.skip("this triton keeps no device_caches to count compiles in")
+        return sum(len(entry[0]) for c in caches for entry in c.values())
+
+    g = torch.Generator().manual_seed(3)
+    counts = []
+    for n in (2984, 2985, 2992, 3001):
+        x, y = (torch.randn(2, n, 64, generator=g).cuda().to(torch.bfloat16) for _ in range(2))
+        shift, scale, gate = _mod(2, 64, torch.bfloat16, "cuda", g)[:3]
+        dit_norm.residual_norm(x, y, gate, shift=shift, scale=scale, backend="triton")
+        q = torch.randn(2, n, 3, 2, 32, generator=g).cuda().to(torch.bfloat16)[:, :, 0]
+        phases = torch.polar(torch.ones(n, 16), torch.randn(n, 16, generator=g)).cuda()
+        dit_norm.rms_norm_rope(q, torch.ones(2, 32, device="cuda"), phases, backend="triton")
+        counts.append(compiled())
+    assert counts[1:] == counts[:1] * 3, f"compiled kernels after each token count: {counts}"
+
+
+@pytest.mark.cuda
 def test_triton_rejects_layouts_it_does_not_take():
     x = torch.randn(4, 6, 16, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(BackendUnavailableError, match="does not take this layout"):

@@ -16,14 +16,20 @@ it; later calls copy their inputs into those buffers and replay. Outputs are cop
 sampler holds the conditional velocity while computing the unconditional one).
 
 When a graph does not pay, the key stays eager:
-- GPU-bound keys. At the key's second call the wrapper asks (without waiting) whether the GPU has finished the
-  first call's work. If not, the host is ahead of the GPU (12k+ tokens): replaying would save nothing, and the
-  graph's pool would hold a second copy of the forward's activations. Results do not depend on the choice (replays
-  equal eager calls bit for bit).
+- GPU-bound keys. The first call is bracketed by CUDA events and timed on the host; at the key's second call the
+  wrapper reads the GPU's time between the events and how far the GPU was behind when the call returned. GPU-bound
+  (graphs save nothing, and the pool would hold a second copy of the forward's activations): the GPU took over
+  ``GPU_BOUND_RATIO`` x the host's time (12k+ tokens on a GPU that starts idle: ~230 ms for a 75 ms enqueue on an
+  H100), or about as long as the host while still far behind at the end (the host was held up by a full launch
+  queue, so its time is the GPU's). Host-bound: the GPU keeps pace with the host and ends a kernel or two behind;
+  work queued before the call only delays the start event. (A bare "done yet?" at the second call raced with
+  the last kernels and with work queued before the call, and misjudged 3-4k-token keys.) Results do not depend
+  on the choice (replays equal eager calls bit for bit).
 - Batch sizes called only a few times: ``expected_calls`` {batch size: calls in this loop} (the sampler knows its
   schedule, ``pipeline/guidance.py``); a batch size expected fewer than ``MIN_CALLS`` times stays eager. The first
-  call and the capture each cost about one eager call of host time, so 2-3 calls (the guidance pair's unguided
-  steps) come out slower with a graph than without.
+  call and the capture each cost about one eager call of host time, so 2 calls (the SS stage's unguided steps)
+  come out slower with a graph than without; 3 (the shape stage's) slightly faster. H100, 4096 tokens, batch 1:
+  eager call 70-95 ms of host time, capture ~60 ms, replay 27 ms (``bench/bench_pipeline.py --trace``).
 
 Memory: all graphs of one wrapper share one pool, freed by ``close()`` (or leaving ``with``). ``torch.cuda.graph``
 empties the allocator's cache before capturing, but while the pool holds the batched pair's activations the first
@@ -47,6 +53,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import time
 from typing import Any, Callable, Mapping
 
 import torch
@@ -57,7 +64,8 @@ logger = logging.getLogger(__name__)
 
 ENV_VAR = "TRELLIS2_CUDA_GRAPHS"
 _EAGER = object()  # marks a key that stays eager (GPU-bound, or its capture failed)
-MIN_CALLS = 4  # a batch size expected fewer calls than this per loop stays eager (module docstring)
+MIN_CALLS = 3  # a batch size expected fewer calls than this per loop stays eager (module docstring)
+GPU_BOUND_RATIO = 1.25  # first call's GPU time over its host time above this: GPU-bound (module docstring)
 _DISABLED: list[str] = []  # set after a failed capture: no more captures in this process (see _capture)
 
 
@@ -120,14 +128,14 @@ class GraphedModel:
         entry = self._entries.get(key)
         if entry is _EAGER:
             return self.model(x, t, cond, **kwargs)
-        if entry is None:  # first call of this key: eager, and mark where its GPU work ends (module docstring)
+        if entry is None:  # first call of this key: eager, timed on the host and the GPU (module docstring)
+            first = _FirstCall()
             out = self.model(x, t, cond, **kwargs)
-            done = torch.cuda.Event()
-            done.record()
-            self._entries[key] = _FirstCall(done)
+            first.finish()
+            self._entries[key] = first
             return out
         if isinstance(entry, _FirstCall):
-            if not entry.done.query():  # the GPU is still on the first call: GPU-bound, a graph saves nothing
+            if entry.gpu_bound():  # a graph saves nothing
                 self.gpu_bound += 1
                 self._entries[key] = _EAGER
                 logger.debug("CUDA graphs: key of %s left eager (GPU-bound)", type(self.model).__name__)
@@ -232,10 +240,27 @@ def _batch_size(x) -> int:
 
 
 class _FirstCall:
-    """A key whose first (eager) call has been made; ``done`` is recorded after its GPU work."""
+    """The first (eager) call of a key: CUDA events around its GPU work and the host's time to issue it."""
 
-    def __init__(self, done: torch.cuda.Event):
-        self.done = done
+    def __init__(self):
+        self.start, self.done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.start.record()
+        self._t0 = time.perf_counter()
+        self.host_seconds = 0.0
+
+    def finish(self) -> None:
+        self._t_done = time.perf_counter()
+        self.host_seconds = self._t_done - self._t0
+        self.done.record()
+
+    def gpu_bound(self) -> bool:
+        """Waits for the call's GPU work (a capture would wait anyway), then judges (module docstring)."""
+        behind = 0.0
+        if not self.done.query():
+            self.done.synchronize()
+            behind = time.perf_counter() - self._t_done
+        gpu, host = self.start.elapsed_time(self.done) / 1e3, self.host_seconds
+        return gpu > GPU_BOUND_RATIO * host or (gpu > 0.8 * host and behind > 0.3 * host)
 
 
 class _Entry:
