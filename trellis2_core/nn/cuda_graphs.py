@@ -3,7 +3,8 @@
 Why: the sampler calls one flow model 12-22 times per stage on inputs of unchanging shapes. At ~3k tokens the
 eager forward is bound by the host, not the GPU: ~740 kernel launches through Python took 75 ms where the GPU
 needed 23 ms (H100, SLat DiT, 2,984 tokens, batch 1, ``bench/dit_probe.py``). A captured graph launches them all
-at once; at 12k+ tokens the GPU is the bottleneck and replay changes nothing (nor costs anything).
+at once; at 12k+ tokens the GPU is the bottleneck and a graph would only cost a capture and memory, so such keys
+stay eager (below).
 
 How: ``GraphedModel(model)`` is called like the model, ``(x, t, cond, **kwargs)``. Calls are grouped by a key: the
 type, shape and dtype of every tensor argument, the coordinates (by identity) of every SparseTensor, the value of

@@ -11,8 +11,9 @@ A condition of V > 1 views ([V, L, C]) goes through ``multiview.prepare`` (see m
 V = 1 takes the single-view path unchanged.
 
 On CUDA the model runs through ``nn.cuda_graphs.GraphedModel`` for the length of the loop (``cuda_graphs=True``,
-the default): same-shape calls after the first replay a captured graph, which removes the host's launch overhead
-at small token counts (results unchanged; ``TRELLIS2_CUDA_GRAPHS=0`` turns it off).
+the default): same-shape calls after the first replay a captured graph where that pays, which removes the host's
+launch overhead at small token counts (results unchanged; ``TRELLIS2_CUDA_GRAPHS=0`` turns it off). It is told how
+many calls of each batch size the schedule makes (``_calls_per_batch``).
 """
 
 from __future__ import annotations
