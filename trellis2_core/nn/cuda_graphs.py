@@ -59,7 +59,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..sparse import SparseTensor
+from ..sparse import SparseTensor, batch_items
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class GraphedModel:
         self._pool = None
 
     def __call__(self, x, t, cond, **kwargs):
-        if not self._can_capture(x) or _batch_size(x) in self.eager_batches:
+        if not self._can_capture(x) or batch_items(x) in self.eager_batches:
             return self.model(x, t, cond, **kwargs)
         args = (x, t, cond) + tuple(kwargs.values())
         key = self.key(x, t, cond, **kwargs)
@@ -234,10 +234,6 @@ def _signature(v: Any) -> tuple:
     if v is None or isinstance(v, (bool, int, float, str)):
         return ("V", type(v), v)
     return ("O", id(v))
-
-
-def _batch_size(x) -> int:
-    return x.batch_size if isinstance(x, SparseTensor) else x.shape[0]
 
 
 class _FirstCall:

@@ -22,10 +22,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..sampling import SamplerParams, sample, time_grid
+from ..sampling import SamplerParams, sample
 from ..errors import InputError
 from ..nn.cuda_graphs import GraphedModel
-from ..sparse import SparseTensor
+from ..sparse import SparseTensor, batch_items
 from . import multiview
 
 
@@ -52,7 +52,7 @@ def run_sampler(
     multiview.check_mode(multiview_mode)
     cond = cond.to(noise.device)
     neg_cond = torch.zeros_like(cond)
-    calls = _calls_per_batch(params, _batch(noise), batched_cfg, cond.shape[0] if multiview_mode == "average" else 1)
+    calls = _calls_per_batch(params, batch_items(noise), batched_cfg, cond.shape[0] if multiview_mode == "average" else 1)
     # the multi-view wrapper calls the graphed model
     with GraphedModel(model, enabled=cuda_graphs, expected_calls=calls) as graphed:
         model_fn = graphed
@@ -75,13 +75,9 @@ def run_sampler(
     return result.samples
 
 
-def _batch(x: torch.Tensor | SparseTensor) -> int:
-    return x.batch_size if isinstance(x, SparseTensor) else x.shape[0]
-
-
 def _calls_per_batch(params: SamplerParams, batch: int, batched_cfg: bool, views: int) -> dict[int, int]:
     """{batch size: model calls} the sampler will make (``views``: calls per evaluation, multi-view "average")."""
-    guided = sum(params.guided(t) for t in time_grid(params.steps, params.rescale_t)[:-1])
+    guided = params.guided_steps()
     if not batched_cfg or params.guidance_strength == 0 or views > 1:  # "average" never batches the pair
         return {batch: params.model_calls() * views}
     return {batch: params.steps - guided, 2 * batch: guided}

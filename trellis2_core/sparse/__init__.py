@@ -1,5 +1,5 @@
 """Sparse voxel tensors and the spatial operations on them (neighbour maps, submanifold conv, subdivision)."""
 
-from .tensor import SparseTensor
+from .tensor import SparseTensor, batch_items
 
-__all__ = ["SparseTensor"]
+__all__ = ["SparseTensor", "batch_items"]

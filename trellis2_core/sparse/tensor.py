@@ -109,3 +109,8 @@ class SparseTensor:
         """Rows of batch item ``b`` (coords keep their batch column)."""
         off = self.batch_offsets()
         return SparseTensor(self.feats[off[b] : off[b + 1]], self.coords[off[b] : off[b + 1]])
+
+
+def batch_items(x: torch.Tensor | SparseTensor) -> int:
+    """Number of batch items of a dense [B, ...] tensor or a SparseTensor."""
+    return x.batch_size if isinstance(x, SparseTensor) else x.shape[0]
