@@ -19,6 +19,7 @@ import torch.nn as nn
 from trellis2.trellis2_core.models import from_config
 from trellis2.trellis2_core.models.sparse_unet_vae import SparseResBlockC2S3d
 from trellis2.trellis2_core.nn.cuda_graphs import GraphedModel
+from trellis2.trellis2_core.nn.transformer import FeedForward
 from trellis2.trellis2_core.pipeline import Components
 from trellis2.trellis2_core.sparse import SparseTensor
 from trellis2.trellis2_core.sparse.conv import SparseConv3d
@@ -172,8 +173,13 @@ class FlopCounter:
         self.flops = 0.0
 
     def attach(self, model: nn.Module) -> None:
+        # the DiT MLP's first Linear may run inside one fused GEMM (dit_norm.linear_gelu), not as a module call:
+        # counted by a hook on the FeedForward instead
+        fused = {id(m.mlp[0]) for m in model.modules() if isinstance(m, FeedForward)}
         for m in model.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, FeedForward):
+                m.register_forward_hook(self._feedforward)
+            if isinstance(m, nn.Linear) and id(m) not in fused:
                 m.register_forward_hook(self._linear)
             elif isinstance(m, SparseConv3d):
                 m.register_forward_hook(self._spconv)
@@ -185,6 +191,9 @@ class FlopCounter:
 
     def _linear(self, m, inp, out):
         self.flops += 2.0 * (inp[0].numel() // m.in_features) * m.in_features * m.out_features
+
+    def _feedforward(self, m, inp, out):
+        self._linear(m.mlp[0], inp, out)
 
     def _spconv(self, m, inp, out):
         self.flops += 2.0 * inp[0].feats.shape[0] * 27 * m.in_channels * m.out_channels

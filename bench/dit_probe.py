@@ -173,6 +173,116 @@ def forward_table(ceil: float) -> None:
     torch.cuda.empty_cache()
 
 
+def kernel_table(top: int = 18) -> None:
+    """The heaviest kernels of one forward (profiler, eager call after a warm-up), for the SS flow's guided pair and
+    an HR SLat pair: where the time that is not matrix products goes."""
+    dev = torch.device("cuda")
+    cases = []
+    ss = M.build("sparse_structure_flow_model", dev)
+    x, t = torch.randn(2, 8, 16, 16, 16, device=dev), torch.full((2,), 800.0, device=dev)
+    cases.append(("ss_flow 4096 B=2", ss, (x, t, torch.randn(2, 1029, CTX, device=dev))))
+    sl = M.build("shape_slat_flow_model_1024", dev)
+    c1 = M.shell_coords(64, 0.40, 0.0, dev)
+    coords = torch.cat([c1, torch.cat([torch.ones_like(c1[:, :1]), c1[:, 1:]], 1)])
+    xs = SparseTensor(torch.randn(coords.shape[0], 32, device=dev), coords)
+    cases.append((f"slat {c1.shape[0]} B=2", sl, (xs, t, torch.randn(2, 4101, CTX, device=dev))))
+    for label, model, args in cases:
+        with torch.no_grad():
+            for _ in range(3):
+                model(*args)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                model(*args)
+                torch.cuda.synchronize()
+        agg = defaultdict(lambda: [0, 0.0])
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                agg[e.name][0] += 1
+                agg[e.name][1] += e.device_time / 1e3
+        busy = sum(v[1] for v in agg.values())
+        print(f"\n## kernels of one {label} forward: busy {busy:.2f} ms (top {top})")
+        for name, (n, ms) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]:
+            print(f"  {ms:8.3f} ms {100 * ms / busy:5.1f}% x{n:<5d} {name[:110]}")
+    del ss, sl
+    torch.cuda.empty_cache()
+
+
+def mlp_table(ceil: float) -> None:
+    """The DiT MLP (C -> 8192, GELU tanh, -> C) with the GELU as its own kernel vs in cuBLASLt's epilogue."""
+    print("\n## MLP 1536->8192->1536 bf16: ms (GELU separate | GELU epilogue), rel. error vs fp32")
+    w1, w2 = (torch.randn(8192, C, device="cuda", dtype=torch.bfloat16) / C**0.5,
+              torch.randn(C, 8192, device="cuda", dtype=torch.bfloat16) / 8192**0.5)  # fmt: skip
+    b1, b2 = (torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.1 for n in (8192, C))
+    for m in (2984, 5968, 8192, 25024, 93248):
+        x = torch.randn(m, C, device="cuda", dtype=torch.bfloat16)
+        sep = lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)  # noqa: E731
+        fused = lambda: F.linear(torch._addmm_activation(b1, x, w1.t(), use_gelu=True), w2, b2)  # noqa: E731
+        ref = F.linear(F.gelu(F.linear(x.float(), w1.float(), b1.float()), approximate="tanh"), w2.float(), b2.float())
+        t1, t2 = graph_time(sep, reps=10), graph_time(fused, reps=10)
+        e1, e2 = (((f().float() - ref).norm() / ref.norm()).item() for f in (sep, fused))
+        print(f"{m:6d} {1e3 * t1:8.3f} {1e3 * t2:8.3f}  ({t1 / t2:4.2f}x)  e {e1:.1e} {e2:.1e}", flush=True)
+
+
+def overlap_table() -> None:
+    """Does a capture hide behind queued GPU work? Queue 8 replays of a B=2 SLat graph (2,984 tokens), then capture
+    the B=1 key (warmed eagerly before) and replay it once: wall time of the whole sequence with torch.cuda.graph
+    (synchronises and empties the cache first) vs a bare capture_begin/end on a side stream (no synchronisation)."""
+    import time
+
+    dev = torch.device("cuda")
+    sl = M.build("shape_slat_flow_model_512", dev)
+    c1 = M.shell_coords(32, 0.36, 0.0, dev)
+    c2 = torch.cat([c1, torch.cat([torch.ones_like(c1[:, :1]), c1[:, 1:]], 1)])
+    x1, x2 = (SparseTensor(torch.randn(c.shape[0], 32, device=dev), c) for c in (c1, c2))
+    t1, t2 = torch.full((1,), 800.0, device=dev), torch.full((2,), 800.0, device=dev)
+    k1, k2 = torch.randn(1, 1029, CTX, device=dev), torch.randn(2, 1029, CTX, device=dev)
+    print("\n## capture behind queued work (ms of wall: 8 replays of B=2 + capture B=1 + 1 replay)")
+    with torch.no_grad():
+        for _ in range(2):
+            sl(x1, t1, k1), sl(x2, t2, k2)
+        pool = torch.cuda.graph_pool_handle()
+        g2 = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g2, pool=pool):
+            sl(x2, t2, k2)
+        g2.replay()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(8):
+            g2.replay()
+        torch.cuda.synchronize()
+        base = time.perf_counter() - t0
+        print(f"  8 replays alone {1e3 * base:7.1f}")
+        side = torch.cuda.Stream()
+        for how in ("torch.cuda.graph", "bare", "torch.cuda.graph", "bare"):
+            g1 = torch.cuda.CUDAGraph()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(8):
+                g2.replay()
+            t_q = time.perf_counter()
+            if how == "bare":
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    g1.capture_begin(pool=pool, capture_error_mode="thread_local")
+                    try:
+                        sl(x1, t1, k1)
+                    finally:
+                        g1.capture_end()
+                torch.cuda.current_stream().wait_stream(side)
+            else:
+                with torch.cuda.graph(g1, pool=pool, capture_error_mode="thread_local"):
+                    sl(x1, t1, k1)
+            t_c = time.perf_counter()
+            g1.replay()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+            print(f"  {how:<17} wall {1e3 * wall:7.1f}  (queue {1e3 * (t_q - t0):5.1f}, capture host "
+                  f"{1e3 * (t_c - t_q):5.1f}; exposed {1e3 * (wall - base):6.1f})", flush=True)  # fmt: skip
+            del g1
+    del sl
+    torch.cuda.empty_cache()
+
+
 def host_table() -> None:
     """Where the host's time goes in one eager forward (launch-bound at small token counts), per attention backend,
     and what one CUDA-graph capture costs the host (torch.cuda.graph's context vs a bare capture_begin/end)."""
@@ -271,7 +381,9 @@ def capture_first(mode: str = "thread_local") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "gemm", "forward", "fp8"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "gemm", "forward", "fp8", "mlp"])
+    ap.add_argument("--overlap", action="store_true", help="a capture behind queued GPU work: synchronised vs bare")
+    ap.add_argument("--kernels", action="store_true", help="the heaviest kernels of an SS and an HR SLat forward")
     ap.add_argument("--host", action="store_true", help="host-side (CPU) op costs of one eager SS forward, B=1")
     ap.add_argument("--capture-first", nargs="?", const="thread_local", default=None, metavar="MODE",
                     help="only: capture a first-ever forward (fresh process); MODE: capture_error_mode")  # fmt: skip
@@ -291,8 +403,14 @@ def main() -> None:
         gemm_table(ceil)
     if "fp8" not in args.skip:
         fp8_table()
+    if "mlp" not in args.skip:
+        mlp_table(ceil)
     if "forward" not in args.skip:
         forward_table(ceil)
+    if args.kernels:
+        kernel_table()
+    if args.overlap:
+        overlap_table()
     if args.host:
         host_table()
 

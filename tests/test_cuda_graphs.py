@@ -105,6 +105,8 @@ def test_cuda_sparse_models_replay_with_their_coordinates_and_kwargs():
         shape = SparseTensor(shape.feats, x.coords)
         with torch.no_grad():
             for step in range(3):
+                if step == 2:
+                    torch.cuda.synchronize()  # the key's timed first replay has finished: read at this call
                 xs = x.replace(torch.randn_like(x.feats))
                 t = torch.full((len(lengths),), 900.0 - 300 * step, device="cuda")
                 cond = torch.randn(len(lengths), 3, 16, device="cuda")
@@ -112,14 +114,15 @@ def test_cuda_sparse_models_replay_with_their_coordinates_and_kwargs():
                 ref = m(xs, t, cond, concat_cond=shape)
                 assert out.coords is xs.coords
                 assert torch.equal(out.feats, ref.feats), (lengths, step)
-    assert graphed.captures == 2 and graphed.replays == 4 and graphed.failed_captures == 0
-    # other coordinates of the same size are another key: eager first
+    assert graphed.captures == 2 and graphed.replays == 5 and graphed.failed_captures == 0  # 2nd: captured at once
+    # other coordinates of the same size are another key, known host-bound: captured at its first call, with the
+    # batch offsets and packed layout of its fresh coordinate cache built before the capture (prepare_inputs)
     y = _sparse([19, 12], 8, "cuda", seed=9)
     ys = SparseTensor(torch.randn_like(y.feats), y.coords)
     with torch.no_grad():
         out = graphed(y, t, cond, concat_cond=ys)
         assert torch.equal(out.feats, m(y, t, cond, concat_cond=ys).feats)
-    assert graphed.captures == 2
+    assert graphed.captures == 3 and graphed.failed_captures == 0 and y.get_cache("trellis2.varlen_layout") is not None
 
 
 class _Heavy(torch.nn.Module):
@@ -147,6 +150,17 @@ def test_cuda_gpu_bound_keys_stay_eager():
         ref = m(x, None, None)
     assert graphed.captures == 0 and graphed.gpu_bound == 1 and graphed.replays == 0
     assert all(torch.equal(o, ref) for o in outs)
+    assert cuda_graphs._GPU_BOUND[m][0] == x.numel()
+    # half the rows of a GPU-bound key: eager too (known from the scaled ratio, or judged far behind at once)
+    with torch.no_grad():
+        halves = [graphed(x[:2048], None, None) for _ in range(3)]
+        assert all(torch.equal(h, m(x[:2048], None, None)) for h in halves)
+    assert graphed.captures == 0 and graphed.gpu_bound == 2
+    # a known ratio scales: a key of a quarter the elements at 8x the ratio threshold is never judged
+    cuda_graphs._GPU_BOUND[m] = (x.numel(), 8 * cuda_graphs.GPU_BOUND_RATIO)
+    with torch.no_grad():
+        graphed(x[:1024], None, None)
+    assert graphed.gpu_bound == 3 and not any(isinstance(e, cuda_graphs._FirstCall) for e in graphed._entries.values())
 
 
 @pytest.mark.cuda
@@ -159,6 +173,71 @@ def test_cuda_host_bound_keys_are_captured_without_syncs_between_calls():
         ref = m(x, t, cond)
     assert graphed.captures == 1 and graphed.gpu_bound == 0 and graphed.replays == 3
     assert all(torch.equal(o, ref) for o in outs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tight", [False, True])
+def test_cuda_smaller_keys_after_a_host_bound_one_are_captured_without_judging(monkeypatch, tight):
+    """The single-branch key after the guided pair's: captured at its second call without waiting for (judging) its
+    first; with tight memory the cache is emptied before the capture (same results either way)."""
+    m = _model("SparseStructureFlowModel", "cuda")
+    graphed = GraphedModel(m)
+    judged = []
+    real = cuda_graphs._FirstCall.gpu_bound
+    monkeypatch.setattr(cuda_graphs._FirstCall, "gpu_bound", lambda self: judged.append(1) or real(self))
+    monkeypatch.setattr(cuda_graphs, "TIGHT_MEMORY", 1.01 if tight else 0.0)  # 1.01: always "tight"
+    emptied = []
+    real_empty = torch.cuda.empty_cache
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1) or real_empty())
+    with torch.no_grad():
+        for i, b in enumerate((2, 2, 2, 2, 1, 1, 1)):
+            if i == 3:
+                torch.cuda.synchronize()  # the timed first replay has finished: learnt at the next call
+            x, t, cond = torch.randn(b, 8, 4, 4, 4, device="cuda"), torch.full((b,), 700.0, device="cuda"), torch.randn(b, 3, 16, device="cuda")
+            assert torch.equal(graphed(x, t, cond), m(x, t, cond))
+    assert judged == [1]  # only the batch-2 key was judged; batch 1 was captured at its first call
+    assert graphed.captures == 2 and graphed.replays == 6 and graphed.gpu_bound == 0
+    assert len(emptied) == (2 if tight else 0)
+
+
+@pytest.mark.cuda
+def test_cuda_later_loops_capture_known_host_bound_keys_at_their_first_call():
+    m = _model("SparseStructureFlowModel", "cuda")
+    x, t, cond = torch.randn(2, 8, 4, 4, 4, device="cuda"), torch.full((2,), 700.0, device="cuda"), torch.randn(2, 3, 16, device="cuda")
+    with torch.no_grad():
+        with GraphedModel(m) as first:
+            for i in range(4):
+                if i == 3:
+                    torch.cuda.synchronize()
+                first(x, t, cond)
+        assert first.captures == 1  # eager, then captured after the judgement; the timed replay: host-bound
+        with GraphedModel(m) as later:
+            out = later(x, t, cond)
+            assert later.captures == 1 and later.replays == 1  # no eager call first
+            assert torch.equal(out, m(x, t, cond))
+            big = torch.randn(3, 8, 4, 4, 4, device="cuda")  # larger than anything judged: eager first again
+            later(big, torch.full((3,), 700.0, device="cuda"), torch.randn(3, 3, 16, device="cuda"))
+            assert later.captures == 1
+
+
+@pytest.mark.cuda
+def test_cuda_failed_first_call_capture_runs_eagerly_and_keeps_graphs_on(caplog):
+    m = _Syncing()
+    cuda_graphs._HOST_BOUND[m] = 10**9  # pretend it was judged host-bound: its first call is captured, and fails
+    try:
+        graphed = GraphedModel(m)
+        x, t = torch.randn(3, 4, device="cuda"), torch.full((1,), 2.0, device="cuda")
+        with torch.no_grad():
+            assert torch.equal(graphed(x, t, None), m(x, t, None))
+        assert graphed.failed_captures == 1 and not cuda_graphs._DISABLED
+        assert "first calls run eagerly from now on" in caplog.text
+        other = GraphedModel(_model("SparseStructureFlowModel", "cuda"))
+        x, t, cond = torch.randn(1, 8, 4, 4, 4, device="cuda"), torch.tensor([500.0], device="cuda"), torch.randn(1, 3, 16, device="cuda")
+        with torch.no_grad():
+            outs = [other(x, t, cond) for _ in range(3)]
+        assert other.captures == 1 and torch.equal(outs[0], outs[2])  # graphs still work (eager-first)
+    finally:
+        cuda_graphs._NO_FIRST_CAPTURE.clear()
 
 
 @pytest.mark.cuda
@@ -192,10 +271,15 @@ def test_cuda_failed_captures_fall_back_to_eager_and_cuda_stays_usable(caplog):
         _failed_capture_checks(caplog)
     finally:
         cuda_graphs._DISABLED.clear()  # later tests capture again
+        cuda_graphs._NO_FIRST_CAPTURE.clear()
 
 
 def _failed_capture_checks(caplog):
     m = _Syncing()
+    # known host-bound (a judgement of a microsecond call is noise) and no first-call captures: eager, then a
+    # capture at the second call, which fails
+    cuda_graphs._HOST_BOUND[m] = 10**9
+    cuda_graphs._NO_FIRST_CAPTURE.append("test")
     graphed = GraphedModel(m)
     with torch.no_grad():
         for i in range(5):

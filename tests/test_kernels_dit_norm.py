@@ -99,6 +99,26 @@ def test_auto_on_cpu_runs_reference_and_explicit_triton_raises(clean_env):
         dit_norm.rms_norm_rope(x.view(3, 5, 2, 8), torch.ones(2, 8), backend="triton")
 
 
+def test_linear_gelu_on_cpu_is_the_mlp_modules_and_explicit_triton_raises(clean_env):
+    g = torch.Generator().manual_seed(3)
+    ff = transformer.FeedForward(16, 2.5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in ff.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(2, 5, 16, generator=g).bfloat16()
+    fc1 = ff.mlp[0]
+    assert torch.equal(dit_norm.linear_gelu(x, fc1.weight, fc1.bias), reference.linear_gelu(x, fc1.weight, fc1.bias))
+    assert torch.equal(ff(x), ff.mlp(x))  # the block's MLP: same modules, same rounding on CPU
+    with pytest.raises(BackendUnavailableError, match="needs CUDA tensors"):
+        dit_norm.linear_gelu(x, fc1.weight, fc1.bias, backend="triton")
+    erf = transformer.FeedForward(16, 2.5)
+    erf.mlp[1] = torch.nn.GELU()  # not the tanh GELU the fused path computes: the modules run as they are
+    with torch.no_grad():
+        for p in erf.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    assert torch.equal(erf(x.float()), erf.mlp(x.float()))
+
+
 def test_compile_switch_is_read_at_call_time(clean_env):
     assert transformer._compile_mode() is None
     clean_env.setenv(transformer.COMPILE_ENV_VAR, "1")
@@ -164,6 +184,41 @@ def test_rms_norm_rope_triton_matches_reference(dtype, b, n, h, d):
         got = dit_norm.rms_norm_rope(x, gamma, phases, backend="triton")
         assert got.is_contiguous()
         _check(got, want, dtype, f"phases {None if phases is None else tuple(phases.shape)}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k,n", [(1, 48, 192), (37, 48, 200), (0, 64, 256), (300, 1536, 8192), (2984, 96, 7)])
+def test_linear_gelu_epilogue_is_at_least_as_close_to_float32_as_the_modules(dtype, m, k, n):
+    """The fused GELU rounds once where the two modules round twice: its error against float32 must not exceed the
+    modules' (a wrong approximation, a missing bias or an unwritten output would)."""
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g).cuda().to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).cuda().to(dtype)
+    b = torch.randn(n, generator=g).cuda().to(dtype)
+    got = dit_norm.linear_gelu(x.view(1, m, k), w, b).view(m, n)  # leading dims fold into rows
+    assert got.shape == (m, n) and got.dtype == dtype
+    if m == 0:
+        return
+    exact = reference.linear_gelu(x.double(), w.double(), b.double())
+    err = lambda y: ((y.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert torch.isfinite(got).all()
+    assert err(got) <= 1.05 * err(reference.linear_gelu(x, w, b)) + 1e-4, (err(got), err(reference.linear_gelu(x, w, b)))
+
+
+@pytest.mark.cuda
+def test_linear_gelu_epilogue_is_the_tanh_gelu():
+    """In float32 the epilogue must be the tanh approximation the DiT uses (the exact erf GELU differs by ~1e-4)."""
+    from trellis2.kernels.dit_norm import cublaslt
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).cuda() for s in ((512, 256), (1024, 256), (1024,)))
+    got = cublaslt.linear_gelu(x, w / 16, b)
+    pre = torch.nn.functional.linear(x.double(), w.double() / 16, b.double())
+    tanh, erf = (torch.nn.functional.gelu(pre, approximate=a) for a in ("tanh", "none"))
+    rel = lambda y: ((got.double() - y).norm() / y.norm()).item()  # noqa: E731
+    assert rel(tanh) < 2e-5 < 1e-4 < rel(erf), (rel(tanh), rel(erf))
+    assert dit_norm.linear_gelu(x, w, b, backend="triton").shape == (512, 1024)  # explicit: fused in float32 too
 
 
 @pytest.mark.cuda

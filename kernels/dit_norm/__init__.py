@@ -1,7 +1,9 @@
-"""DiT norm epilogues (residual + LayerNorm + AdaLN modulation; QK-RMSNorm + RoPE), backend chosen at call time.
+"""DiT block epilogues (residual + LayerNorm + AdaLN modulation; QK-RMSNorm + RoPE; the MLP's Linear + GELU),
+backend chosen at call time.
 
-``reference`` is plain torch (the CPU/MPS path, the float32 path and the ground truth); ``triton`` fuses each
-epilogue into one kernel for CUDA tensors. Same rounding points (see reference.py).
+``reference`` is plain torch (the CPU/MPS path, the float32 path and the ground truth); ``triton`` fuses each norm
+epilogue into one kernel for CUDA tensors (same rounding points, see reference.py). The MLP's GELU has no Triton
+kernel: its fused path is cuBLASLt's GEMM epilogue (``cublaslt.py``), which "auto" and "triton" both select.
 
 Backend order (STYLE.md item 6), resolved on every call, never at import:
   1. the ``backend=`` argument;
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._backend import BACKENDS, BackendSwitch, BackendUnavailableError
-from . import reference
+from . import cublaslt, reference
 
 ENV_VAR = "TRELLIS2_DIT_NORM_BACKEND"
 _HALF = (torch.float16, torch.bfloat16)
@@ -85,10 +87,34 @@ def rms_norm_rope(
     return impl.rms_norm_rope(x, gamma, phases, scale=scale)
 
 
+def linear_gelu(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, backend: str | None = None
+) -> torch.Tensor:
+    """``gelu_tanh(x @ weight.T + bias)``: x [..., K], weight [N, K], bias [N] -> [..., N] in x's dtype.
+
+    Fused (the GELU in cuBLASLt's epilogue, ``cublaslt.py``) for CUDA bf16/fp16 tensors in "auto" mode and for any
+    CUDA float tensors when "triton" is asked for; otherwise ``reference.linear_gelu``. An explicit "triton" that
+    cannot run (not CUDA, mixed dtypes, no bias) raises ``BackendUnavailableError``."""
+    name = requested_backend(backend)
+    fused = name != "torch" and cublaslt.supported_linear_gelu(x, weight, bias)
+    if name == "auto":
+        fused = fused and x.dtype in _HALF
+    elif name == "triton" and not fused:
+        if x.device.type != "cuda":
+            raise _switch.needs_cuda(x.device)
+        raise BackendUnavailableError(
+            f"DiT-norm backend 'triton' (cuBLASLt GELU epilogue) needs a bias and one float dtype for x, weight and "
+            f"bias; got x {x.dtype}, weight {weight.dtype}, bias {None if bias is None else bias.dtype}; choose "
+            f"backend 'auto' or 'torch'"
+        )
+    return cublaslt.linear_gelu(x, weight, bias) if fused else reference.linear_gelu(x, weight, bias)
+
+
 __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "BackendUnavailableError",
+    "linear_gelu",
     "reference",
     "requested_backend",
     "residual_norm",

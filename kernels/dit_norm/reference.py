@@ -67,3 +67,12 @@ def rms_norm_rope(
         return h
     hc = torch.view_as_complex(h.float().reshape(*h.shape[:-1], -1, 2))
     return torch.view_as_real(hc * phases.unsqueeze(-2)).flatten(-2).to(h.dtype)
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The first half of the DiT MLP: ``gelu_tanh(x @ weight.T + bias)``, rounded after the Linear and again after
+    the GELU (the reference's two modules).
+
+    x: [..., K]; weight: [N, K]; bias: None or [N] (x's dtype) -> [..., N] in x's dtype.
+    """
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")

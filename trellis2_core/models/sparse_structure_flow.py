@@ -202,6 +202,10 @@ class SparseStructureFlowModel(FlowDiT):
             self._rope_cache[device] = phases
         return phases
 
+    def prepare_inputs(self, x: torch.Tensor) -> None:
+        """Build what a first forward on x creates (the grid's RoPE phases), so that it can be CUDA-graph captured."""
+        self.rope_phases(x.device)
+
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, zero_cond_from: int | None = None
     ) -> torch.Tensor:

@@ -52,6 +52,14 @@ class SLatFlowModel(FlowDiT):
             x.set_cache("trellis2.varlen_layout", layout)
         return layout
 
+    def prepare_inputs(self, x: SparseTensor) -> None:
+        """Build what a first forward on x creates and caches on its coordinates (batch offsets, read back to the
+        host; RoPE phases; the packed layout of unequal items), so that the forward can be CUDA-graph captured."""
+        offsets = x.batch_offsets()
+        self.token_phases(x)
+        if len({e - s for s, e in zip(offsets[:-1], offsets[1:])}) > 1:
+            self.varlen_layout(x)
+
     def forward(
         self,
         x: SparseTensor,

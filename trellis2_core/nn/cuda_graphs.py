@@ -8,7 +8,8 @@ stay eager (below).
 
 How: ``GraphedModel(model)`` is called like the model, ``(x, t, cond, **kwargs)``. Calls are grouped by a key: the
 type, shape and dtype of every tensor argument, the coordinates (by identity) of every SparseTensor, the value of
-every None/bool/int/float/str argument and the identity of every other one. The first call of a key runs eagerly:
+every None/bool/int/float/str argument and the identity of every other one. The first call of a key runs eagerly
+(unless the key is known to be host-bound, "First calls" below):
 it creates the model's lazy state for those inputs (Triton compilation, cuDNN plans for the shapes, the
 RoPE/varlen/batch-offset entries of the coordinate cache, module-level caches), which must not be created inside a
 capture (some of it synchronises with the host; capturing a first-ever call fails on the GPU, checked with
@@ -18,24 +19,48 @@ sampler holds the conditional velocity while computing the unconditional one).
 
 When a graph does not pay, the key stays eager:
 - GPU-bound keys. The first call is bracketed by CUDA events and timed on the host; at the key's second call the
-  wrapper reads the GPU's time between the events and how far the GPU was behind when the call returned. GPU-bound
-  (graphs save nothing, and the pool would hold a second copy of the forward's activations): the GPU took over
-  ``GPU_BOUND_RATIO`` x the host's time (12k+ tokens on a GPU that starts idle: ~230 ms for a 75 ms enqueue on an
-  H100), or about as long as the host while still far behind at the end (the host was held up by a full launch
-  queue, so its time is the GPU's). Host-bound: the GPU keeps pace with the host and ends a kernel or two behind;
-  work queued before the call only delays the start event. (A bare "done yet?" at the second call raced with
-  the last kernels and with work queued before the call, and misjudged 3-4k-token keys.) Results do not depend
-  on the choice (replays equal eager calls bit for bit).
+  wrapper reads the GPU's time between the events. GPU-bound (graphs save nothing, and the pool would hold a
+  second copy of the forward's activations): the GPU took over ``GPU_BOUND_RATIO`` x the host's time (12k+ tokens
+  on a GPU that starts idle: ~230 ms for a 75 ms enqueue on an H100), or it is still busy with the call ``BEHIND``
+  x its host time after the call returned (a host held up by a full launch queue takes the GPU's time, so the
+  ratio says nothing; and waiting for the call would drain the queue and leave the GPU idle through a capture).
+  Host-bound: the GPU keeps pace with the host and ends a kernel or two behind; work queued before the call only
+  delays the start event. (A bare "done yet?" at the second call raced with the last kernels and misjudged
+  3-4k-token keys; waiting for the call misjudged the single-branch key of a 12k-token stage, queued behind the
+  guided pair's last call, as host-bound and captured it with the GPU idle.) Results do not depend
+  on the choice (replays equal eager calls bit for bit). A key no larger (input elements) than one of the same
+  model already found host-bound is host-bound too (fewer rows, the same launches): it is never judged, so no
+  wait for queued work (the single-branch steps after the guided ones).
 - Batch sizes called only a few times: ``expected_calls`` {batch size: calls in this loop} (the sampler knows its
   schedule, ``pipeline/guidance.py``); a batch size expected fewer than ``MIN_CALLS`` times stays eager. The first
   call and the capture each cost about one eager call of host time, so 2 calls (the SS stage's unguided steps)
   come out slower with a graph than without; 3 (the shape stage's) slightly faster. H100, 4096 tokens, batch 1:
-  eager call 70-95 ms of host time, capture ~60 ms, replay 27 ms (``bench/bench_pipeline.py --trace``).
+  eager call 70-95 ms of host time, capture ~60 ms, replay 27 ms (``bench/bench_pipeline.py --trace``). A key
+  captured at its first call (known host-bound, below) pays from 2 calls on.
+- Keys known to be GPU-bound: the GPU/host ratio of the model's smallest key judged GPU-bound, scaled by input
+  elements, is still over ``GPU_BOUND_RATIO`` (the single-branch half of a 12k-token guided pair): eager, unjudged.
+  (Judging it would wait behind the pair's queued work, and a host held up by the full launch queue looks slow.)
 
-Memory: all graphs of one wrapper share one pool, freed by ``close()`` (or leaving ``with``). ``torch.cuda.graph``
-empties the allocator's cache before capturing, but while the pool holds the batched pair's activations the first
-(eager) call of the single-branch key allocates its own: up to ~1.5x an eager stage's activations, which is what
-the memory planner allows for (``pipeline/memory.py`` GRAPH_HEADROOM; it turns graphs off when that does not fit).
+First calls: a key no larger than an input of the same model already found clearly host-bound (in this loop or
+an earlier one: learnt per model object for the life of the process, when a key's first replay took the GPU under
+``LEARN_RATIO`` x the host time of its eager first call; the replay is timed with events read without waiting)
+skips the eager first call and is captured at once; the model's ``prepare_inputs(x)`` first builds what a first call would create and read back to the host (the
+batch offsets, RoPE phases and packed layout cached on new coordinates). An eager first call of a host-bound key
+costs its host time (50-150 ms at 3-6k tokens on an H100's host) while the GPU needs 20-46 ms; from the second
+generation on, each stage pays one capture instead. A first-call capture that fails runs the call eagerly and
+turns first-call captures (not graphs) off for the process.
+
+Captures: ``torch.cuda.graph`` synchronises the device and empties the allocator's cache before capturing, so the
+GPU runs dry and the capture's host time (one forward's launches, 45-60 ms at 3-4k tokens on an H100) is all
+exposed. Captures here run on a side stream without waiting: the GPU works through what is already queued while
+the host captures (H100, 2,984-token SLat, capture of the batch-1 key behind 8 queued batch-2 replays: 20-25 ms
+exposed instead of 66 ms, ``bench/dit_probe.py --overlap``). The cache is emptied first only when under
+``TIGHT_MEMORY`` of the device is free.
+
+Memory: all graphs of one wrapper share one pool, freed by ``close()`` (or leaving ``with``). While the pool holds
+the batched pair's activations the first (eager) call of the single-branch key allocates its own: up to ~1.5x an
+eager stage's activations, which is what the memory planner allows for (``pipeline/memory.py`` GRAPH_HEADROOM; it
+turns graphs off when that does not fit).
 
 Only where it is safe: CUDA inputs; every parameter and buffer of the model on that device (not block-streamed
 from CPU memory, not partially loaded by ComfyUI's low-VRAM mode); not inside another capture. A capture that
@@ -55,6 +80,7 @@ import contextvars
 import logging
 import os
 import time
+import weakref
 from typing import Any, Callable, Mapping
 
 import torch
@@ -67,7 +93,12 @@ ENV_VAR = "TRELLIS2_CUDA_GRAPHS"
 _EAGER = object()  # marks a key that stays eager (GPU-bound, or its capture failed)
 MIN_CALLS = 3  # a batch size expected fewer calls than this per loop stays eager (module docstring)
 GPU_BOUND_RATIO = 1.25  # first call's GPU time over its host time above this: GPU-bound (module docstring)
+BEHIND = 0.3  # the GPU still busy with a first call this long (x its host time) after it returned: GPU-bound
+LEARN_RATIO = 0.8  # a replay's GPU time under this x the eager call's host time: learnt host-bound (module docstring)
 _DISABLED: list[str] = []  # set after a failed capture: no more captures in this process (see _capture)
+_NO_FIRST_CAPTURE: list[str] = []  # set after a failed first-call capture: first calls run eagerly (see _capture)
+_HOST_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> largest host-bound input (elements)
+_GPU_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (smallest GPU-bound input, GPU/host)
 
 
 _OFF = contextvars.ContextVar("trellis2_cuda_graphs_off", default=False)
@@ -101,7 +132,7 @@ class GraphedModel:
         eager (None: no such limit)."""
         self.model = model
         self.enabled = enabled
-        self.eager_batches = {b for b, n in (expected_calls or {}).items() if n < MIN_CALLS}
+        self.expected_calls = dict(expected_calls or {})
         self.captures = 0
         self.replays = 0
         self.failed_captures = 0
@@ -122,13 +153,24 @@ class GraphedModel:
         self._pool = None
 
     def __call__(self, x, t, cond, **kwargs):
-        if not self._can_capture(x) or batch_items(x) in self.eager_batches:
+        if not self._can_capture(x):
             return self.model(x, t, cond, **kwargs)
         args = (x, t, cond) + tuple(kwargs.values())
         key = self.key(x, t, cond, **kwargs)
         entry = self._entries.get(key)
+        if entry is None:
+            host_bound = _known_host_bound(self.model, x)
+            capture_first = host_bound and not _NO_FIRST_CAPTURE
+            calls = self.expected_calls.get(batch_items(x))
+            if calls is not None and calls < (2 if capture_first else MIN_CALLS):
+                entry = self._entries[key] = _EAGER  # too few calls for a capture to pay
+            elif not host_bound and _known_gpu_bound(self.model, x):
+                self.gpu_bound += 1
+                entry = self._entries[key] = _EAGER
         if entry is _EAGER:
             return self.model(x, t, cond, **kwargs)
+        if entry is None and capture_first:  # capture at once (module docstring, "First calls")
+            entry = self._capture(key, args, tuple(kwargs), first=True)
         if entry is None:  # first call of this key: eager, timed on the host and the GPU (module docstring)
             first = _FirstCall()
             out = self.model(x, t, cond, **kwargs)
@@ -136,14 +178,19 @@ class GraphedModel:
             self._entries[key] = first
             return out
         if isinstance(entry, _FirstCall):
-            if entry.gpu_bound():  # a graph saves nothing
+            if not _known_host_bound(self.model, x) and entry.gpu_bound():  # a graph saves nothing
+                _learn_gpu_bound(self.model, x, entry.ratio)
                 self.gpu_bound += 1
                 self._entries[key] = _EAGER
                 logger.debug("CUDA graphs: key of %s left eager (GPU-bound)", type(self.model).__name__)
                 return self.model(x, t, cond, **kwargs)
+            first = entry
             entry = self._capture(key, args, tuple(kwargs))
             if entry is _EAGER:
                 return self.model(x, t, cond, **kwargs)
+            entry.eager_host_seconds = first.host_seconds  # its first replay is timed against this (learning)
+        elif entry.eager_host_seconds is not None and entry.clearly_host_bound():
+            _learn_host_bound(self.model, x)
         self.replays += 1
         return entry.run(args)
 
@@ -175,8 +222,10 @@ class GraphedModel:
             self._resident[device] = ok
         return self._resident[device]
 
-    def _capture(self, key: tuple, args: tuple, names: tuple[str, ...]):
-        """The key's entry, or _EAGER when capturing failed (logged; the key stays eager)."""
+    def _capture(self, key: tuple, args: tuple, names: tuple[str, ...], *, first: bool = False):
+        """The key's entry, or _EAGER when capturing failed (logged; the key stays eager). first: the key's first
+        call (no eager call before it); a failure then returns None (the key goes the eager-first way) and turns
+        first-call captures off for the process, not graphs."""
         rng = _rng_snapshot(args[0])
         try:
             entry = _Entry(args)
@@ -186,16 +235,26 @@ class GraphedModel:
             graph = torch.cuda.CUDAGraph()
             static = entry.static
             kwargs = dict(zip(names, static[3:]))
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self.model(static[0], static[1], static[2], **kwargs)
+            if first:  # what the first call would create and may read back to the host: outside the capture
+                prepare = getattr(self.model, "prepare_inputs", None)
+                if prepare is not None:
+                    prepare(static[0])
+            run = lambda: self.model(static[0], static[1], static[2], **kwargs)  # noqa: E731
+            out = _capture_behind_queue(graph, self._pool, run, _device(args[0]))
             entry.graph, entry.out = graph, out
-        except Exception as e:  # capture is an optimisation: any failure -> eager from now on, logged
+        except Exception as e:  # capture is an optimisation: any failure -> eager, logged
+            self.failed_captures += 1
+            _rng_restore(rng)
+            _capture_streams.clear()  # the allocator may still route the failed capture's stream into its pool
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if first:
+                _NO_FIRST_CAPTURE.append(reason)
+                logger.warning("CUDA graph capture of a first call of %s failed (%s); first calls run eagerly "
+                               "from now on", type(self.model).__name__, reason)  # fmt: skip
+                return None
             # A failed capture may leave torch's allocator routing the capture stream into the graph's pool, so
             # no further capture is tried in this process; eager calls on the compute stream are unaffected, and
             # the CUDA random generator is put back (_rng_snapshot says why).
-            self.failed_captures += 1
-            _rng_restore(rng)
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             _DISABLED.append(reason)
             logger.warning("CUDA graph capture of %s failed (%s); CUDA graphs are off for the rest of this process",
                            type(self.model).__name__, reason)  # fmt: skip
@@ -204,6 +263,80 @@ class GraphedModel:
         self.captures += 1
         self._entries[key] = entry
         return entry
+
+
+_capture_streams: dict[int, torch.cuda.Stream] = {}
+TIGHT_MEMORY = 0.25  # below this fraction of the device's memory free, empty the allocator's cache first
+
+
+def _capture_behind_queue(graph: torch.cuda.CUDAGraph, pool, fn: Callable[[], Any], device: torch.device) -> Any:
+    """Capture ``fn()`` into ``graph`` on a side stream without waiting for the GPU (module docstring, "Captures").
+
+    torch.cuda.graph synchronises the device and empties the allocator's cache before every capture: the GPU runs
+    dry, and the capture's host time (one forward's worth of launches) is all exposed. Here the GPU keeps working
+    through the replays and eager calls already queued while the host captures; the cache is emptied (with its
+    synchronisation) only when free device memory is tight, so the graph's pool can still be allocated."""
+    device = device.index if device.index is not None else torch.cuda.current_device()
+    free, total = torch.cuda.mem_get_info(device)
+    if free < TIGHT_MEMORY * total:
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    side = _capture_streams.get(device)
+    if side is None:
+        side = _capture_streams[device] = torch.cuda.Stream(device)
+    main = torch.cuda.current_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    main.wait_stream(side)
+    return out
+
+
+def _known_host_bound(model, x) -> bool:
+    """x is no larger than an input of ``model`` already found host-bound (in this or an earlier loop)."""
+    try:
+        return _size(x) <= _HOST_BOUND.get(model, 0)
+    except TypeError:  # a model that cannot be weakly referenced: nothing learnt
+        return False
+
+
+def _known_gpu_bound(model, x) -> bool:
+    """Scaling the GPU/host time ratio of ``model``'s smallest key judged GPU-bound to x's size by the input
+    elements still gives a GPU-bound ratio (the guided pair's half: the single-branch key at 12k+ tokens)."""
+    try:
+        known = _GPU_BOUND.get(model)
+    except TypeError:
+        return False
+    return known is not None and known[1] * _size(x) / known[0] > GPU_BOUND_RATIO
+
+
+def _learn_gpu_bound(model, x, ratio: float) -> None:
+    try:
+        known = _GPU_BOUND.get(model)
+        if known is None or _size(x) < known[0]:
+            _GPU_BOUND[model] = (_size(x), ratio)
+    except TypeError:
+        pass
+
+
+def _learn_host_bound(model, x) -> None:
+    try:
+        _HOST_BOUND[model] = max(_HOST_BOUND.get(model, 0), _size(x))
+    except TypeError:
+        pass
+
+
+def _device(x) -> torch.device:
+    return (x.feats if isinstance(x, SparseTensor) else x).device
+
+
+def _size(x) -> int:
+    """Input elements of a call (the rows of work it queues; one model and channel count per wrapper)."""
+    return (x.feats if isinstance(x, SparseTensor) else x).numel()
 
 
 def _rng_snapshot(x):
@@ -244,6 +377,7 @@ class _FirstCall:
         self.start.record()
         self._t0 = time.perf_counter()
         self.host_seconds = 0.0
+        self.ratio = 0.0  # the GPU's time over the host's, once judged
 
     def finish(self) -> None:
         self._t_done = time.perf_counter()
@@ -251,13 +385,20 @@ class _FirstCall:
         self.done.record()
 
     def gpu_bound(self) -> bool:
-        """Waits for the call's GPU work (a capture would wait anyway), then judges (module docstring)."""
-        behind = 0.0
-        if not self.done.query():
-            self.done.synchronize()
-            behind = time.perf_counter() - self._t_done
-        gpu, host = self.start.elapsed_time(self.done) / 1e3, self.host_seconds
-        return gpu > GPU_BOUND_RATIO * host or (gpu > 0.8 * host and behind > 0.3 * host)
+        """Judges once the call's GPU work is done (module docstring), waiting for it until ``BEHIND`` x the call's
+        host time after the call returned: still running then, the GPU is that far behind the host: GPU-bound,
+        without draining the queue."""
+        host = max(self.host_seconds, 1e-9)
+        deadline = self._t_done + BEHIND * host
+        while not self.done.query():
+            now = time.perf_counter()
+            if now > deadline:
+                self.ratio = 0.0  # unknown (more than 1 + BEHIND): nothing to scale to other keys
+                return True
+            time.sleep(min(2e-4, deadline - now))
+        gpu = self.start.elapsed_time(self.done) / 1e3
+        self.ratio = gpu / host
+        return gpu > GPU_BOUND_RATIO * host
 
 
 class _Entry:
@@ -268,6 +409,19 @@ class _Entry:
         self.static = tuple(_static(v) for v in args)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: Any = None
+        self.eager_host_seconds: float | None = None  # host time of the key's eager first call, until judged
+        self._timed: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+
+    def clearly_host_bound(self) -> bool:
+        """Once the first replay has finished (never waits): its GPU time was under ``LEARN_RATIO`` x the eager
+        first call's host time. Judged once; False while unknown."""
+        if self._timed is None or not self._timed[1].query():
+            return False
+        start, end = self._timed
+        busy = start.elapsed_time(end) / 1e3
+        verdict = busy < LEARN_RATIO * self.eager_host_seconds
+        self.eager_host_seconds = None
+        return verdict
 
     def copy_in(self, args: tuple) -> None:
         for dst, src in zip(self.static, args):
@@ -278,7 +432,13 @@ class _Entry:
 
     def run(self, args: tuple):
         self.copy_in(args)
-        self.graph.replay()
+        if self.eager_host_seconds is not None and self._timed is None:
+            self._timed = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._timed[0].record()
+            self.graph.replay()
+            self._timed[1].record()
+        else:
+            self.graph.replay()
         out, x = self.out, args[0]
         if isinstance(out, SparseTensor):
             return x.replace(out.feats.clone()) if isinstance(x, SparseTensor) else out.replace(out.feats.clone())
