@@ -155,44 +155,58 @@ class GraphedModel:
     def __call__(self, x, t, cond, **kwargs):
         if not self._can_capture(x):
             return self.model(x, t, cond, **kwargs)
-        args = (x, t, cond) + tuple(kwargs.values())
+        args, names = (x, t, cond) + tuple(kwargs.values()), tuple(kwargs)
         key = self.key(x, t, cond, **kwargs)
         entry = self._entries.get(key)
         if entry is None:
-            host_bound = _known_host_bound(self.model, x)
-            capture_first = host_bound and not _NO_FIRST_CAPTURE
-            calls = self.expected_calls.get(batch_items(x))
-            if calls is not None and calls < (2 if capture_first else MIN_CALLS):
-                entry = self._entries[key] = _EAGER  # too few calls for a capture to pay
-            elif not host_bound and _known_gpu_bound(self.model, x):
-                self.gpu_bound += 1
-                entry = self._entries[key] = _EAGER
+            entry = self._start(key, args, names)
+            if isinstance(entry, _FirstCall):  # eager, timed on the host and the GPU (module docstring)
+                out = self.model(x, t, cond, **kwargs)
+                entry.finish()
+                return out
+        elif isinstance(entry, _FirstCall):
+            entry = self._judge(key, entry, args, names)
+        elif entry is not _EAGER and entry.eager_host_seconds is not None and entry.clearly_host_bound():
+            _learn_host_bound(self.model, x)
         if entry is _EAGER:
             return self.model(x, t, cond, **kwargs)
-        if entry is None and capture_first:  # capture at once (module docstring, "First calls")
-            entry = self._capture(key, args, tuple(kwargs), first=True)
-        if entry is None:  # first call of this key: eager, timed on the host and the GPU (module docstring)
-            first = _FirstCall()
-            out = self.model(x, t, cond, **kwargs)
-            first.finish()
-            self._entries[key] = first
-            return out
-        if isinstance(entry, _FirstCall):
-            if not _known_host_bound(self.model, x) and entry.gpu_bound():  # a graph saves nothing
-                _learn_gpu_bound(self.model, x, entry.ratio)
-                self.gpu_bound += 1
-                self._entries[key] = _EAGER
-                logger.debug("CUDA graphs: key of %s left eager (GPU-bound)", type(self.model).__name__)
-                return self.model(x, t, cond, **kwargs)
-            first = entry
-            entry = self._capture(key, args, tuple(kwargs))
-            if entry is _EAGER:
-                return self.model(x, t, cond, **kwargs)
-            entry.eager_host_seconds = first.host_seconds  # its first replay is timed against this (learning)
-        elif entry.eager_host_seconds is not None and entry.clearly_host_bound():
-            _learn_host_bound(self.model, x)
         self.replays += 1
         return entry.run(args)
+
+    def _start(self, key: tuple, args: tuple, names: tuple[str, ...]):
+        """A new key's entry: _EAGER (too few calls, or known GPU-bound), a graph captured at once (known
+        host-bound, "First calls"), or the _FirstCall of an eager call the caller makes right away."""
+        x = args[0]
+        host_bound = _known_host_bound(self.model, x)
+        capture_first = host_bound and not _NO_FIRST_CAPTURE
+        calls = self.expected_calls.get(batch_items(x))
+        if calls is not None and calls < (2 if capture_first else MIN_CALLS):
+            self._entries[key] = _EAGER  # too few calls for a capture to pay
+            return _EAGER
+        if not host_bound and _known_gpu_bound(self.model, x):
+            self.gpu_bound += 1
+            self._entries[key] = _EAGER
+            return _EAGER
+        if capture_first:
+            entry = self._capture(key, args, names, first=True)
+            if entry is not None:
+                return entry
+        first = self._entries[key] = _FirstCall()  # starts its events: the caller runs the model next
+        return first
+
+    def _judge(self, key: tuple, first: _FirstCall, args: tuple, names: tuple[str, ...]):
+        """The key's second call: _EAGER (GPU-bound) or its captured graph (module docstring)."""
+        x = args[0]
+        if not _known_host_bound(self.model, x) and first.gpu_bound():  # a graph saves nothing
+            _learn_gpu_bound(self.model, x, first.ratio)
+            self.gpu_bound += 1
+            self._entries[key] = _EAGER
+            logger.debug("CUDA graphs: key of %s left eager (GPU-bound)", type(self.model).__name__)
+            return _EAGER
+        entry = self._capture(key, args, names)
+        if entry is not _EAGER:
+            entry.eager_host_seconds = first.host_seconds  # its first replay is timed against this (learning)
+        return entry
 
     @staticmethod
     def key(x, t, cond, **kwargs) -> tuple:
