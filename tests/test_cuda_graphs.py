@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from trellis2.trellis2_core.models import from_config
-from trellis2.trellis2_core.nn import cuda_graphs
+from trellis2.trellis2_core.nn import cuda_graphs, graph_policy
 from trellis2.trellis2_core.nn.cuda_graphs import ENV_VAR, GraphedModel, graphs_enabled
 from trellis2.trellis2_core.nn.streaming import stream_blocks, unstream
 from trellis2.trellis2_core.sparse import SparseTensor
@@ -150,17 +150,17 @@ def test_cuda_gpu_bound_keys_stay_eager():
         ref = m(x, None, None)
     assert graphed.captures == 0 and graphed.gpu_bound == 1 and graphed.replays == 0
     assert all(torch.equal(o, ref) for o in outs)
-    assert cuda_graphs._GPU_BOUND[m][0] == x.numel()
+    assert graph_policy.GPU_BOUND[m][0] == x.numel()
     # half the rows of a GPU-bound key: eager too (known from the scaled ratio, or judged far behind at once)
     with torch.no_grad():
         halves = [graphed(x[:2048], None, None) for _ in range(3)]
         assert all(torch.equal(h, m(x[:2048], None, None)) for h in halves)
     assert graphed.captures == 0 and graphed.gpu_bound == 2
     # a known ratio scales: a key of a quarter the elements at 8x the ratio threshold is never judged
-    cuda_graphs._GPU_BOUND[m] = (x.numel(), 8 * cuda_graphs.GPU_BOUND_RATIO)
+    graph_policy.GPU_BOUND[m] = (x.numel(), 8 * graph_policy.GPU_BOUND_RATIO)
     with torch.no_grad():
         graphed(x[:1024], None, None)
-    assert graphed.gpu_bound == 3 and not any(isinstance(e, cuda_graphs._FirstCall) for e in graphed._entries.values())
+    assert graphed.gpu_bound == 3 and not any(isinstance(e, graph_policy.FirstCall) for e in graphed._entries.values())
 
 
 @pytest.mark.cuda
@@ -183,8 +183,8 @@ def test_cuda_smaller_keys_after_a_host_bound_one_are_captured_without_judging(m
     m = _model("SparseStructureFlowModel", "cuda")
     graphed = GraphedModel(m)
     judged = []
-    real = cuda_graphs._FirstCall.gpu_bound
-    monkeypatch.setattr(cuda_graphs._FirstCall, "gpu_bound", lambda self: judged.append(1) or real(self))
+    real = graph_policy.FirstCall.gpu_bound
+    monkeypatch.setattr(graph_policy.FirstCall, "gpu_bound", lambda self: judged.append(1) or real(self))
     monkeypatch.setattr(cuda_graphs, "TIGHT_MEMORY", 1.01 if tight else 0.0)  # 1.01: always "tight"
     emptied = []
     real_empty = torch.cuda.empty_cache
@@ -223,7 +223,7 @@ def test_cuda_later_loops_capture_known_host_bound_keys_at_their_first_call():
 @pytest.mark.cuda
 def test_cuda_failed_first_call_capture_runs_eagerly_and_keeps_graphs_on(caplog):
     m = _Syncing()
-    cuda_graphs._HOST_BOUND[m] = 10**9  # pretend it was judged host-bound: its first call is captured, and fails
+    graph_policy.HOST_BOUND[m] = 10**9  # pretend it was judged host-bound: its first call is captured, and fails
     try:
         graphed = GraphedModel(m)
         x, t = torch.randn(3, 4, device="cuda"), torch.full((1,), 2.0, device="cuda")
@@ -244,7 +244,7 @@ def test_cuda_failed_first_call_capture_runs_eagerly_and_keeps_graphs_on(caplog)
 def test_cuda_batch_sizes_with_few_expected_calls_stay_eager():
     m = _model("SparseStructureFlowModel", "cuda")
     graphed = GraphedModel(m, expected_calls={1: 2, 2: 9})
-    assert cuda_graphs.MIN_CALLS > 2
+    assert graph_policy.MIN_CALLS > 2
     with torch.no_grad():
         for step in range(4):
             for b in (2, 1):
@@ -278,7 +278,7 @@ def _failed_capture_checks(caplog):
     m = _Syncing()
     # known host-bound (a judgement of a microsecond call is noise) and no first-call captures: eager, then a
     # capture at the second call, which fails
-    cuda_graphs._HOST_BOUND[m] = 10**9
+    graph_policy.HOST_BOUND[m] = 10**9
     cuda_graphs._NO_FIRST_CAPTURE.append("test")
     graphed = GraphedModel(m)
     with torch.no_grad():

@@ -9,7 +9,7 @@ stay eager (below).
 How: ``GraphedModel(model)`` is called like the model, ``(x, t, cond, **kwargs)``. Calls are grouped by a key: the
 type, shape and dtype of every tensor argument, the coordinates (by identity) of every SparseTensor, the value of
 every None/bool/int/float/str argument and the identity of every other one. The first call of a key runs eagerly
-(unless the key is known to be host-bound, "First calls" below):
+(unless the key is known to be host-bound: ``graph_policy.py``, "First calls"):
 it creates the model's lazy state for those inputs (Triton compilation, cuDNN plans for the shapes, the
 RoPE/varlen/batch-offset entries of the coordinate cache, module-level caches), which must not be created inside a
 capture (some of it synchronises with the host; capturing a first-ever call fails on the GPU, checked with
@@ -17,38 +17,9 @@ capture (some of it synchronises with the host; capturing a first-ever call fail
 it; later calls copy their inputs into those buffers and replay. Outputs are copied out of the graph's memory (the
 sampler holds the conditional velocity while computing the unconditional one).
 
-When a graph does not pay, the key stays eager:
-- GPU-bound keys. The first call is bracketed by CUDA events and timed on the host; at the key's second call the
-  wrapper reads the GPU's time between the events. GPU-bound (graphs save nothing, and the pool would hold a
-  second copy of the forward's activations): the GPU took over ``GPU_BOUND_RATIO`` x the host's time (12k+ tokens
-  on a GPU that starts idle: ~230 ms for a 75 ms enqueue on an H100), or it is still busy with the call ``BEHIND``
-  x its host time after the call returned (a host held up by a full launch queue takes the GPU's time, so the
-  ratio says nothing; and waiting for the call would drain the queue and leave the GPU idle through a capture).
-  Host-bound: the GPU keeps pace with the host and ends a kernel or two behind; work queued before the call only
-  delays the start event. (A bare "done yet?" at the second call raced with the last kernels and misjudged
-  3-4k-token keys; waiting for the call misjudged the single-branch key of a 12k-token stage, queued behind the
-  guided pair's last call, as host-bound and captured it with the GPU idle.) Results do not depend
-  on the choice (replays equal eager calls bit for bit). A key no larger (input elements) than one of the same
-  model already found host-bound is host-bound too (fewer rows, the same launches): it is never judged, so no
-  wait for queued work (the single-branch steps after the guided ones).
-- Batch sizes called only a few times: ``expected_calls`` {batch size: calls in this loop} (the sampler knows its
-  schedule, ``pipeline/guidance.py``); a batch size expected fewer than ``MIN_CALLS`` times stays eager. The first
-  call and the capture each cost about one eager call of host time, so 2 calls (the SS stage's unguided steps)
-  come out slower with a graph than without; 3 (the shape stage's) slightly faster. H100, 4096 tokens, batch 1:
-  eager call 70-95 ms of host time, capture ~60 ms, replay 27 ms (``bench/bench_pipeline.py --trace``). A key
-  captured at its first call (known host-bound, below) pays from 2 calls on.
-- Keys known to be GPU-bound: the GPU/host ratio of the model's smallest key judged GPU-bound, scaled by input
-  elements, is still over ``GPU_BOUND_RATIO`` (the single-branch half of a 12k-token guided pair): eager, unjudged.
-  (Judging it would wait behind the pair's queued work, and a host held up by the full launch queue looks slow.)
-
-First calls: a key no larger than an input of the same model already found clearly host-bound (in this loop or
-an earlier one: learnt per model object for the life of the process, when a key's first replay took the GPU under
-``LEARN_RATIO`` x the host time of its eager first call; the replay is timed with events read without waiting)
-skips the eager first call and is captured at once; the model's ``prepare_inputs(x)`` first builds what a first call would create and read back to the host (the
-batch offsets, RoPE phases and packed layout cached on new coordinates). An eager first call of a host-bound key
-costs its host time (50-150 ms at 3-6k tokens on an H100's host) while the GPU needs 20-46 ms; from the second
-generation on, each stage pays one capture instead. A first-call capture that fails runs the call eagerly and
-turns first-call captures (not graphs) off for the process.
+When a graph pays (``graph_policy.py``): a key stays eager when it is GPU-bound (judged from its first call, or
+known from a larger key of the same model), or when its batch size is expected too few calls; a key known to be
+host-bound is captured at its first call, with no eager call before it.
 
 Captures: ``torch.cuda.graph`` synchronises the device and empties the allocator's cache before capturing, so the
 GPU runs dry and the capture's host time (one forward's launches, 45-60 ms at 3-4k tokens on an H100) is all
@@ -79,26 +50,27 @@ import contextlib
 import contextvars
 import logging
 import os
-import time
-import weakref
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ..sparse import SparseTensor, batch_items
+from .graph_policy import (
+    LEARN_RATIO,
+    MIN_CALLS,
+    FirstCall,
+    known_gpu_bound,
+    known_host_bound,
+    learn_gpu_bound,
+    learn_host_bound,
+)
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "TRELLIS2_CUDA_GRAPHS"
 _EAGER = object()  # marks a key that stays eager (GPU-bound, or its capture failed)
-MIN_CALLS = 3  # a batch size expected fewer calls than this per loop stays eager (module docstring)
-GPU_BOUND_RATIO = 1.25  # first call's GPU time over its host time above this: GPU-bound (module docstring)
-BEHIND = 0.3  # the GPU still busy with a first call this long (x its host time) after it returned: GPU-bound
-LEARN_RATIO = 0.8  # a replay's GPU time under this x the eager call's host time: learnt host-bound (module docstring)
 _DISABLED: list[str] = []  # set after a failed capture: no more captures in this process (see _capture)
 _NO_FIRST_CAPTURE: list[str] = []  # set after a failed first-call capture: first calls run eagerly (see _capture)
-_HOST_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> largest host-bound input (elements)
-_GPU_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (smallest GPU-bound input, GPU/host)
 
 
 _OFF = contextvars.ContextVar("trellis2_cuda_graphs_off", default=False)
@@ -160,14 +132,14 @@ class GraphedModel:
         entry = self._entries.get(key)
         if entry is None:
             entry = self._start(key, args, names)
-            if isinstance(entry, _FirstCall):  # eager, timed on the host and the GPU (module docstring)
+            if isinstance(entry, FirstCall):  # eager, timed on the host and the GPU (graph_policy)
                 out = self.model(x, t, cond, **kwargs)
                 entry.finish()
                 return out
-        elif isinstance(entry, _FirstCall):
+        elif isinstance(entry, FirstCall):
             entry = self._judge(key, entry, args, names)
         elif entry is not _EAGER and entry.eager_host_seconds is not None and entry.clearly_host_bound():
-            _learn_host_bound(self.model, x)
+            learn_host_bound(self.model, x)
         if entry is _EAGER:
             return self.model(x, t, cond, **kwargs)
         self.replays += 1
@@ -175,15 +147,15 @@ class GraphedModel:
 
     def _start(self, key: tuple, args: tuple, names: tuple[str, ...]):
         """A new key's entry: _EAGER (too few calls, or known GPU-bound), a graph captured at once (known
-        host-bound, "First calls"), or the _FirstCall of an eager call the caller makes right away."""
+        host-bound, ``graph_policy`` "First calls"), or the FirstCall of an eager call the caller makes right away."""
         x = args[0]
-        host_bound = _known_host_bound(self.model, x)
+        host_bound = known_host_bound(self.model, x)
         capture_first = host_bound and not _NO_FIRST_CAPTURE
         calls = self.expected_calls.get(batch_items(x))
         if calls is not None and calls < (2 if capture_first else MIN_CALLS):
             self._entries[key] = _EAGER  # too few calls for a capture to pay
             return _EAGER
-        if not host_bound and _known_gpu_bound(self.model, x):
+        if not host_bound and known_gpu_bound(self.model, x):
             self.gpu_bound += 1
             self._entries[key] = _EAGER
             return _EAGER
@@ -191,14 +163,14 @@ class GraphedModel:
             entry = self._capture(key, args, names, first=True)
             if entry is not None:
                 return entry
-        first = self._entries[key] = _FirstCall()  # starts its events: the caller runs the model next
+        first = self._entries[key] = FirstCall()  # starts its events: the caller runs the model next
         return first
 
-    def _judge(self, key: tuple, first: _FirstCall, args: tuple, names: tuple[str, ...]):
-        """The key's second call: _EAGER (GPU-bound) or its captured graph (module docstring)."""
+    def _judge(self, key: tuple, first: FirstCall, args: tuple, names: tuple[str, ...]):
+        """The key's second call: _EAGER (GPU-bound) or its captured graph (graph_policy)."""
         x = args[0]
-        if not _known_host_bound(self.model, x) and first.gpu_bound():  # a graph saves nothing
-            _learn_gpu_bound(self.model, x, first.ratio)
+        if not known_host_bound(self.model, x) and first.gpu_bound():  # a graph saves nothing
+            learn_gpu_bound(self.model, x, first.ratio)
             self.gpu_bound += 1
             self._entries[key] = _EAGER
             logger.debug("CUDA graphs: key of %s left eager (GPU-bound)", type(self.model).__name__)
@@ -310,47 +282,8 @@ def _capture_behind_queue(graph: torch.cuda.CUDAGraph, pool, fn: Callable[[], An
     return out
 
 
-def _known_host_bound(model, x) -> bool:
-    """x is no larger than an input of ``model`` already found host-bound (in this or an earlier loop)."""
-    try:
-        return _size(x) <= _HOST_BOUND.get(model, 0)
-    except TypeError:  # a model that cannot be weakly referenced: nothing learnt
-        return False
-
-
-def _known_gpu_bound(model, x) -> bool:
-    """Scaling the GPU/host time ratio of ``model``'s smallest key judged GPU-bound to x's size by the input
-    elements still gives a GPU-bound ratio (the guided pair's half: the single-branch key at 12k+ tokens)."""
-    try:
-        known = _GPU_BOUND.get(model)
-    except TypeError:
-        return False
-    return known is not None and known[1] * _size(x) / known[0] > GPU_BOUND_RATIO
-
-
-def _learn_gpu_bound(model, x, ratio: float) -> None:
-    try:
-        known = _GPU_BOUND.get(model)
-        if known is None or _size(x) < known[0]:
-            _GPU_BOUND[model] = (_size(x), ratio)
-    except TypeError:
-        pass
-
-
-def _learn_host_bound(model, x) -> None:
-    try:
-        _HOST_BOUND[model] = max(_HOST_BOUND.get(model, 0), _size(x))
-    except TypeError:
-        pass
-
-
 def _device(x) -> torch.device:
     return (x.feats if isinstance(x, SparseTensor) else x).device
-
-
-def _size(x) -> int:
-    """Input elements of a call (the rows of work it queues; one model and channel count per wrapper)."""
-    return (x.feats if isinstance(x, SparseTensor) else x).numel()
 
 
 def _rng_snapshot(x):
@@ -381,38 +314,6 @@ def _signature(v: Any) -> tuple:
     if v is None or isinstance(v, (bool, int, float, str)):
         return ("V", type(v), v)
     return ("O", id(v))
-
-
-class _FirstCall:
-    """The first (eager) call of a key: CUDA events around its GPU work and the host's time to issue it."""
-
-    def __init__(self):
-        self.start, self.done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.start.record()
-        self._t0 = time.perf_counter()
-        self.host_seconds = 0.0
-        self.ratio = 0.0  # the GPU's time over the host's, once judged
-
-    def finish(self) -> None:
-        self._t_done = time.perf_counter()
-        self.host_seconds = self._t_done - self._t0
-        self.done.record()
-
-    def gpu_bound(self) -> bool:
-        """Judges once the call's GPU work is done (module docstring), waiting for it until ``BEHIND`` x the call's
-        host time after the call returned: still running then, the GPU is that far behind the host: GPU-bound,
-        without draining the queue."""
-        host = max(self.host_seconds, 1e-9)
-        deadline = self._t_done + BEHIND * host
-        while not self.done.query():
-            now = time.perf_counter()
-            if now > deadline:
-                self.ratio = 0.0  # unknown (more than 1 + BEHIND): nothing to scale to other keys
-                return True
-            time.sleep(min(2e-4, deadline - now))
-        gpu = self.start.elapsed_time(self.done) / 1e3
-        self.ratio = gpu / host
-        return gpu > GPU_BOUND_RATIO * host
 
 
 class _Entry:
