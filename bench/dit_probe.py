@@ -223,6 +223,21 @@ def mlp_table(ceil: float) -> None:
         print(f"{m:6d} {1e3 * t1:8.3f} {1e3 * t2:8.3f}  ({t1 / t2:4.2f}x)  e {e1:.1e} {e2:.1e}", flush=True)
 
 
+def bare_capture(graph: torch.cuda.CUDAGraph, fn, *, pool=None, mode: str = "thread_local"):
+    """Capture ``fn()`` with capture_begin/end on a fresh side stream: no device sync or cache emptying first (what
+    torch.cuda.graph adds). Returns fn's output (in the graph's memory)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        graph.capture_begin(pool=pool, capture_error_mode=mode)
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
+    return out
+
+
 def overlap_table() -> None:
     """Does a capture hide behind queued GPU work? Queue 8 replays of a B=2 SLat graph (2,984 tokens), then capture
     the B=1 key (warmed eagerly before) and replay it once: wall time of the whole sequence with torch.cuda.graph
@@ -252,7 +267,6 @@ def overlap_table() -> None:
         torch.cuda.synchronize()
         base = time.perf_counter() - t0
         print(f"  8 replays alone {1e3 * base:7.1f}")
-        side = torch.cuda.Stream()
         for how in ("torch.cuda.graph", "bare", "torch.cuda.graph", "bare"):
             g1 = torch.cuda.CUDAGraph()
             torch.cuda.synchronize()
@@ -261,14 +275,7 @@ def overlap_table() -> None:
                 g2.replay()
             t_q = time.perf_counter()
             if how == "bare":
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    g1.capture_begin(pool=pool, capture_error_mode="thread_local")
-                    try:
-                        sl(x1, t1, k1)
-                    finally:
-                        g1.capture_end()
-                torch.cuda.current_stream().wait_stream(side)
+                bare_capture(g1, lambda: sl(x1, t1, k1), pool=pool)
             else:
                 with torch.cuda.graph(g1, pool=pool, capture_error_mode="thread_local"):
                     sl(x1, t1, k1)
@@ -327,15 +334,7 @@ def host_table() -> None:
                     with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
                         ss(x, t, cond)
                 else:
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        g.capture_begin(pool=pool, capture_error_mode="thread_local")
-                        try:
-                            ss(x, t, cond)
-                        finally:
-                            g.capture_end()
-                    torch.cuda.current_stream().wait_stream(side)
+                    bare_capture(g, lambda: ss(x, t, cond), pool=pool)
                 ts.append(time.perf_counter() - t0)
                 g.replay()
                 torch.cuda.synchronize()
@@ -359,16 +358,9 @@ def capture_first(mode: str = "thread_local") -> None:
     xs = SparseTensor(torch.randn(coords.shape[0], 32, device=dev), coords)
     for label, model, args in (("ss_flow", ss, (x, t, cond)), ("slat", sl, (xs, t, cond))):
         g = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.no_grad(), torch.cuda.stream(side):
-                g.capture_begin(capture_error_mode=mode)
-                try:
-                    out = model(*args)
-                finally:
-                    g.capture_end()
-            torch.cuda.current_stream().wait_stream(side)
+            with torch.no_grad():
+                out = bare_capture(g, lambda: model(*args), mode=mode)
             g.replay()
             with torch.no_grad():
                 ref = model(*args)

@@ -41,6 +41,7 @@ from ..trellis2_core.errors import CheckpointError, InputError
 from ..trellis2_core.models.decoder_chunking import chunk_decoder
 from ..trellis2_core.nn.streaming import stream_blocks, streamer_of, unstream
 from ..trellis2_core.pipeline import Trellis2Pipeline, default_dtype
+from ..trellis2_core.pipeline.components import PlanSwitches
 from ..trellis2_core.pipeline.memory import MemoryPlan, parse_vram_budget, plan_memory
 from ..trellis2_core.pipeline.trellis2 import IMAGE_COND
 from ..trellis2_core.weights import DEFAULT_REPO, PIPELINE_FILE, TEXTURING_FILE, ModelFiles, PipelineFiles, resolve_pipeline
@@ -128,7 +129,7 @@ class _Managed(torch.nn.Module):
         self.module = module
 
 
-class ComfyComponents:
+class ComfyComponents(PlanSwitches):
     """``ComponentSource`` backed by ComfyUI's model management; one per TRELLIS2_MODEL handle."""
 
     def __init__(self, files: PipelineFiles, *, load_device: torch.device, offload_device: torch.device,
@@ -193,16 +194,6 @@ class ComfyComponents:
             )
         log.info("reading %s from %s", role, models[role].weights_path)
         return load_model(models[role], device=self.offload_device, dtype=self.dtype)
-
-    @property
-    def batched_cfg(self) -> bool:
-        """Whether guided steps may batch both CFG branches (the plan's choice; True without a plan)."""
-        return True if self.plan is None else self.plan.batched_cfg
-
-    @property
-    def cuda_graphs(self) -> bool:
-        """Whether sampling loops may replay CUDA graphs (the plan's choice; True without a plan)."""
-        return True if self.plan is None else self.plan.cuda_graphs
 
     def _activation_bytes(self, role: str) -> int:
         if self.plan is None:

@@ -38,7 +38,23 @@ class ComponentSource(Protocol):
     def use(self, role: str) -> contextlib.AbstractContextManager[torch.nn.Module]: ...
 
 
-class Components:
+class PlanSwitches:
+    """The memory plan's switches the stages read from a component source (``plan`` None: no plan, all on)."""
+
+    plan: MemoryPlan | None = None
+
+    @property
+    def batched_cfg(self) -> bool:
+        """Whether guided steps may run both CFG branches as one batch (False when the plan needs the memory)."""
+        return True if self.plan is None else self.plan.batched_cfg
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether sampling loops may replay CUDA graphs (False when the plan has no room for their memory)."""
+        return True if self.plan is None else self.plan.cuda_graphs
+
+
+class Components(PlanSwitches):
     """Models built on first use from ``loaders[role]()`` and kept according to ``policy``.
 
     policy:
@@ -73,16 +89,6 @@ class Components:
         self._loaded: dict[str, torch.nn.Module] = {}
         self._pinned: dict[str, dict[str, torch.Tensor]] = {}
         self.plan = plan
-
-    @property
-    def batched_cfg(self) -> bool:
-        """Whether guided steps may run both CFG branches as one batch (False when the plan needs the memory)."""
-        return True if self.plan is None else self.plan.batched_cfg
-
-    @property
-    def cuda_graphs(self) -> bool:
-        """Whether sampling loops may replay CUDA graphs (False when the plan has no room for their memory)."""
-        return True if self.plan is None else self.plan.cuda_graphs
 
     def _streams(self, role: str) -> bool:
         return self.plan is not None and self.plan.stream_blocks and role in self.plan.stream_roles
