@@ -223,9 +223,7 @@ class CountingGraphedModel(GraphedModel):
     stage = ""
     _last = 0.0
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._flops: dict[tuple, float] = {}
+    _flops: dict[tuple, float] = {}  # (model id, key) -> FLOPs of one call; class-wide: kept graphs outlive a loop
 
     def __call__(self, x, t, cond, **kwargs):
         c = self.counter
@@ -240,7 +238,7 @@ class CountingGraphedModel(GraphedModel):
             self.trace.append((self.stage, kind, rows, 1e3 * (t1 - t0), gap))
             CountingGraphedModel._last = t1
         if c is not None and self.replays > r0:
-            key = self.key(x, t, cond, **kwargs)
+            key = (id(self.model), self.key(x, t, cond, **kwargs))
             if c.flops > f0:
                 self._flops[key] = c.flops - f0
             else:

@@ -371,11 +371,127 @@ def capture_first(mode: str = "thread_local") -> None:
             break
 
 
+def layout_table() -> None:
+    """Does cuDNN attention care how q/k/v are laid out? graph-timed ms per call of: contiguous [B, H, L, D] inputs
+    (the sdpa table's case); the DiT's own layout (q, k [B, L, H, D] from the RMSNorm+RoPE kernel, v a strided slice
+    of the fused qkv (or kv) projection, output viewed back to [B, L, C]); the same with v made contiguous first; and
+    everything copied to [B, H, L, D] first (copies counted)."""
+    print("\n## attention layout (cuDNN, bf16, graph-timed ms per call; TFLOP/s in brackets)")
+    print(f"{'case':<22} {'bhld':>14} {'dit':>14} {'dit v-contig':>14} {'copy->bhld':>14}")
+    for b, lq, lk, cross in [(1, 2984, 2984, 0), (2, 2984, 2984, 0), (2, 4096, 4096, 0), (1, 12512, 12512, 0),
+                             (2, 12512, 12512, 0), (2, 4096, 1029, 1), (2, 2984, 1029, 1), (2, 12512, 4101, 1),
+                             (1, 12512, 4101, 1)]:  # fmt: skip
+        bf = dict(device="cuda", dtype=torch.bfloat16)
+        qh, kh, vh = torch.randn(b, H, lq, D, **bf), torch.randn(b, H, lk, D, **bf), torch.randn(b, H, lk, D, **bf)
+        if cross:
+            q = torch.randn(b, lq, H, D, **bf)
+            k, v = torch.randn(b, lk, 2, H, D, **bf).unbind(2)
+        else:
+            q, k = torch.randn(b, lq, H, D, **bf), torch.randn(b, lk, H, D, **bf)
+            v = torch.randn(b, lk, 3, H, D, **bf)[:, :, 2]
+        sd = F.scaled_dot_product_attention
+        fns = {
+            "bhld": lambda: sd(qh, kh, vh),
+            "dit": lambda: sd(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).flatten(-2),
+            "vc": lambda: sd(q.transpose(1, 2), k.transpose(1, 2), v.contiguous().transpose(1, 2)).transpose(1, 2).flatten(-2),
+            "copy": lambda: sd(*(t.transpose(1, 2).contiguous() for t in (q, k, v))).transpose(1, 2).flatten(-2),
+        }
+        flops, cells = 4.0 * b * H * lq * lk * D, []
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            ref = fns["bhld"]()
+            for fn in fns.values():
+                try:
+                    t = graph_time(fn, reps=10)
+                    cells.append(f"{1e3 * t:6.2f} ({flops / t / 1e12:4.0f})")
+                except RuntimeError as e:
+                    cells.append(f"{'n/a':>14}")
+                    print(f"   {str(e).splitlines()[0][:100]}")
+            out = fns["dit"]()
+            print(f"   dit output strides {tuple(out.stride())} contiguous {out.is_contiguous()}; "
+                  f"sdpa(bhld) out contiguous {ref.is_contiguous()}")
+        label = f"{'cross' if cross else 'self'} B={b} {lq}x{lk}"
+        print(f"{label:<22} " + " ".join(f"{c:>14}" for c in cells), flush=True)
+        del qh, kh, vh, q, k, v, ref
+        torch.cuda.empty_cache()
+
+
+def layout_forward_table() -> None:
+    """Forward-level check of the layout table: graph-timed ms of an SS (4096, B=2) and an HR SLat (B=2) forward with
+    the DiT's attention as it is, with v made contiguous before SDPA, and with q/k/v copied to [B, H, L, D]."""
+    from trellis2.trellis2_core.nn import attention as A
+
+    dev = torch.device("cuda")
+    orig = A.scaled_dot_product_attention
+
+    def vcontig(q, k, v, *, backend=None):
+        return orig(q, k, v.contiguous(), backend=backend)
+
+    def bhld(q, k, v, *, backend=None):
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2)
+
+    ss = M.build("sparse_structure_flow_model", dev)
+    t = torch.full((2,), 800.0, device=dev)
+    cases = [("ss_flow 4096 B=2", ss, (torch.randn(2, 8, 16, 16, 16, device=dev), t, torch.randn(2, 1029, CTX, device=dev)))]
+    sl = M.build("shape_slat_flow_model_1024", dev)
+    for grid, rho, n_cond in ((32, 0.36, 1029), (64, 0.40, 4101)):
+        c1 = M.shell_coords(grid, rho, 0.0, dev)
+        coords = torch.cat([c1, torch.cat([torch.ones_like(c1[:, :1]), c1[:, 1:]], 1)])
+        xs = SparseTensor(torch.randn(coords.shape[0], 32, device=dev), coords)
+        cases.append((f"slat {c1.shape[0]} B=2", sl, (xs, t, torch.randn(2, n_cond, CTX, device=dev))))
+    print("\n## forward with attention layouts (graph-timed ms)")
+    print(f"{'case':<22} {'as is':>8} {'v-contig':>8} {'bhld':>8}")
+    for label, model, args in cases:
+        cells = []
+        for fn in (orig, vcontig, bhld):
+            A.scaled_dot_product_attention = fn
+            try:
+                with torch.no_grad():
+                    model(*args)
+                    cells.append(f"{1e3 * graph_time(lambda: model(*args), reps=5):8.2f}")
+            finally:
+                A.scaled_dot_product_attention = orig
+        print(f"{label:<22} " + " ".join(cells), flush=True)
+    del ss, sl
+    torch.cuda.empty_cache()
+
+
+def linear_host_table() -> None:
+    """Host cost of enqueueing one F.linear (bias, bf16, 2,984 x 1536 -> 4608) under torch's default BLAS choice
+    (cuBLASLt with a bias epilogue: a heuristic query per call) vs preferred_blas_library("cublas"), and the GPU time
+    of each (graph-timed)."""
+    import time
+
+    print("\n## F.linear host enqueue (us per call, median of 5 x 200 calls) and GPU time (us)")
+    x = torch.randn(2984, C, device="cuda", dtype=torch.bfloat16)
+    w, bias = torch.randn(3 * C, C, device="cuda", dtype=torch.bfloat16), torch.randn(3 * C, device="cuda", dtype=torch.bfloat16)
+    before = torch.backends.cuda.preferred_blas_library()
+    for lib in ("cublaslt", "cublas"):
+        torch.backends.cuda.preferred_blas_library(lib)
+        for label, fn in (("linear+bias", lambda: F.linear(x, w, bias)), ("mm", lambda: torch.mm(x, w.t())),
+                          ("gelu epilogue", lambda: torch._addmm_activation(bias, x, w.t(), use_gelu=True))):  # fmt: skip
+            for _ in range(20):
+                fn()
+            ts = []
+            for _ in range(5):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                ts.append((time.perf_counter() - t0) / 200)
+                torch.cuda.synchronize()
+            gpu = graph_time(fn, reps=10)
+            print(f"  {lib:<9} {label:<14} host {1e6 * sorted(ts)[2]:6.1f}   gpu {1e6 * gpu:7.1f}", flush=True)
+    torch.backends.cuda.preferred_blas_library(before)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "gemm", "forward", "fp8", "mlp"])
     ap.add_argument("--overlap", action="store_true", help="a capture behind queued GPU work: synchronised vs bare")
     ap.add_argument("--kernels", action="store_true", help="the heaviest kernels of an SS and an HR SLat forward")
+    ap.add_argument("--layout", action="store_true", help="cuDNN attention per q/k/v layout; F.linear host cost")
     ap.add_argument("--host", action="store_true", help="host-side (CPU) op costs of one eager SS forward, B=1")
     ap.add_argument("--capture-first", nargs="?", const="thread_local", default=None, metavar="MODE",
                     help="only: capture a first-ever forward (fresh process); MODE: capture_error_mode")  # fmt: skip
@@ -403,6 +519,10 @@ def main() -> None:
         kernel_table()
     if args.overlap:
         overlap_table()
+    if args.layout:
+        layout_table()
+        layout_forward_table()
+        linear_host_table()
     if args.host:
         host_table()
 

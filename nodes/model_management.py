@@ -39,6 +39,7 @@ from ..trellis2_core.checkpoints import load_model
 from ..trellis2_core.conditioning import DinoV3Conditioner
 from ..trellis2_core.errors import CheckpointError, InputError
 from ..trellis2_core.models.decoder_chunking import chunk_decoder
+from ..trellis2_core.nn.cuda_graphs import release_graphs
 from ..trellis2_core.nn.streaming import stream_blocks, streamer_of, unstream
 from ..trellis2_core.pipeline import Trellis2Pipeline, default_dtype
 from ..trellis2_core.pipeline.components import PlanSwitches
@@ -129,6 +130,20 @@ class _Managed(torch.nn.Module):
         self.module = module
 
 
+class _Patcher(comfy.model_patcher.ModelPatcher):
+    """ModelPatcher that frees the CUDA graphs kept for its network (the SS flow's, ``nn/cuda_graphs.py``) before
+    ComfyUI moves the weights they read: on a full unload (``detach``) and on a partial one (``partially_unload``,
+    when another model needs the memory)."""
+
+    def detach(self, *args, **kwargs):
+        release_graphs(self.model.module)
+        return super().detach(*args, **kwargs)
+
+    def partially_unload(self, *args, **kwargs):
+        release_graphs(self.model.module)
+        return super().partially_unload(*args, **kwargs)
+
+
 class ComfyComponents(PlanSwitches):
     """``ComponentSource`` backed by ComfyUI's model management; one per TRELLIS2_MODEL handle."""
 
@@ -176,7 +191,7 @@ class ComfyComponents(PlanSwitches):
         """The role's ModelPatcher, reading the checkpoint on first use (onto the offload device)."""
         patcher = self._patchers.get(role)
         if patcher is None:
-            patcher = comfy.model_patcher.ModelPatcher(_Managed(self._read(role)), self.device, self.offload_device)
+            patcher = _Patcher(_Managed(self._read(role)), self.device, self.offload_device)
             self._patchers[role] = patcher
         return patcher
 

@@ -420,3 +420,30 @@ def test_plan_allows_cuda_graphs_only_with_room_for_them(sizes):
     assert streamed.stream_blocks and not streamed.cuda_graphs
     assert Components({}, "cpu", plan=p).cuda_graphs is False and cuda_graphs(Components({}, "cpu")) is True
     assert cuda_graphs(object()) is True  # a component source without a plan (e.g. a user's own)
+
+
+def test_plan_keeps_the_structure_graphs_only_when_models_stay_and_there_is_room(sizes):
+    from trellis2.trellis2_core.pipeline.components import keep_graphs
+    from trellis2.trellis2_core.pipeline.memory import GRAPH_HEADROOM
+
+    assert plan_memory(sizes, "cuda", None, pipeline_type="512").keep_graphs
+    roomy = plan_memory(sizes, "cuda", 80, pipeline_type="1024_cascade", host_ram_bytes=HOST)
+    assert roomy.policy == "keep" and roomy.keep_graphs and "keep_graphs True" in roomy.summary()
+    assert keep_graphs(Components({}, "cpu", plan=roomy)) and keep_graphs(Components({}, "cpu"))
+    tight = plan_memory(sizes, "cuda", 8, pipeline_type="1024_cascade", host_ram_bytes=HOST)
+    assert tight.policy != "keep" and tight.cuda_graphs and not tight.keep_graphs  # models leave; graphs with them
+    assert not keep_graphs(Components({}, "cpu", plan=tight))
+    # Scanning budgets upwards: once every model stays, graphs come first, then room to keep the structure's too.
+    states, kept_bytes = [], None
+    for tenth in range(40, 800):
+        p = plan_memory(sizes, "cuda", tenth / 10, pipeline_type="512", host_ram_bytes=HOST)
+        if p.policy != "keep":
+            continue
+        ss = next(s for s in p.stages if s.role == "sparse_structure_flow_model")
+        kept_bytes = GRAPH_HEADROOM * ss.activation_bytes
+        later = p.stages[p.stages.index(ss) + 1 :]
+        if p.keep_graphs:  # every later stage fits with the kept graphs beside it
+            assert all(s.total_bytes + kept_bytes <= p.usable_bytes for s in later)
+        states.append((p.cuda_graphs, p.keep_graphs))
+    assert states[-1] == (True, True) and (True, False) in states and kept_bytes > 0
+    assert states == sorted(states)  # monotone in the budget

@@ -28,6 +28,17 @@ the host captures (H100, 2,984-token SLat, capture of the batch-1 key behind 8 q
 exposed instead of 66 ms, ``bench/dit_probe.py --overlap``). The cache is emptied first only when under
 ``TIGHT_MEMORY`` of the device is free.
 
+Kept across loops (``keep=True``): the SS flow's inputs have the same shapes in every generation, so its graphs
+can serve the next loop instead of being captured again (each capture: one forward's launches on the host with the
+GPU idle, 80-170 ms per SS stage on the H100). ``close()`` then keeps the wrapper's graphs with the model (not
+with the wrapper) when every captured key names shapes and values only (sparse keys name their coordinates by
+identity, so they never match a later loop and nothing is kept); the next ``GraphedModel(model, keep=True)``
+adopts them if the model's parameters and buffers are still the same tensors (pointer, dtype, shape) as when they
+were captured, and drops them otherwise. Kept memory (the SS flow's activations, ~0.3-0.4 GB at bf16) is outside
+any model's weights: ``release_graphs(model)`` frees it, and whoever moves or drops the weights calls it (the
+engine's ``Components`` on offload/free/unload, the ComfyUI nodes' model patcher on detach and partial unload);
+the memory planner counts it (``MemoryPlan.keep_graphs``).
+
 Memory: all graphs of one wrapper share one pool, freed by ``close()`` (or leaving ``with``). While the pool holds
 the batched pair's activations the first (eager) call of the single-branch key allocates its own: up to ~1.5x an
 eager stage's activations, which is what the memory planner allows for (``pipeline/memory.py`` GRAPH_HEADROOM; it
@@ -48,8 +59,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 import logging
 import os
+import weakref
 from typing import Any, Callable, Mapping
 
 import torch
@@ -98,20 +111,31 @@ class GraphedModel:
     """A velocity model whose repeated same-shape calls replay a CUDA graph; see the module docstring."""
 
     def __init__(
-        self, model: Callable[..., Any], *, enabled: bool = True, expected_calls: Mapping[int, int] | None = None
+        self,
+        model: Callable[..., Any],
+        *,
+        enabled: bool = True,
+        expected_calls: Mapping[int, int] | None = None,
+        keep: bool = False,
     ):
         """expected_calls: {batch size: number of calls this loop will make}; batch sizes below MIN_CALLS stay
-        eager (None: no such limit)."""
+        eager (None: no such limit). keep: adopt the graphs an earlier loop kept for this model and keep this
+        loop's at ``close()`` (module docstring, "Kept across loops")."""
         self.model = model
         self.enabled = enabled
         self.expected_calls = dict(expected_calls or {})
+        self.keep = keep
         self.captures = 0
         self.replays = 0
+        self.reused = 0  # graphs adopted from an earlier loop
         self.failed_captures = 0
         self.gpu_bound = 0  # keys left eager because the GPU was still busy with their first call
         self._entries: dict[tuple, Any] = {}
         self._resident: dict[torch.device, bool] = {}
         self._pool = None
+        self._weights: tuple | None = None  # the model's weight fingerprint when its graphs were captured
+        if keep:
+            self._adopt()
 
     def __enter__(self) -> GraphedModel:
         return self
@@ -120,9 +144,34 @@ class GraphedModel:
         self.close()
 
     def close(self) -> None:
-        """Free every graph and its memory (the wrapper still works afterwards, eagerly until it captures again)."""
+        """Free every graph and its memory, or with ``keep`` hand reusable ones to the model's next loop (the
+        wrapper still works afterwards, eagerly until it captures again)."""
+        if self.keep:
+            self._keep()
         self._entries.clear()
         self._pool = None
+        self._weights = None
+
+    def _adopt(self) -> None:
+        """Take the graphs an earlier loop kept for this model, if its weights are still the same tensors."""
+        kept = _KEPT.pop(self.model, None)  # one wrapper at a time owns them (their static inputs are shared)
+        if kept is None or not self.enabled:
+            return
+        if kept.weights != _weight_fingerprint(self.model):
+            logger.debug("CUDA graphs: kept graphs of %s dropped (its weights moved)", type(self.model).__name__)
+            return
+        self._entries.update(kept.entries)
+        self._pool, self._weights, self.reused = kept.pool, kept.weights, len(kept.entries)
+
+    def _keep(self) -> None:
+        graphs = {k: e for k, e in self._entries.items() if isinstance(e, _Entry)}
+        if not graphs or not all(_reusable(k) for k in graphs) or self._weights is None:
+            return  # a sparse key's graph would only hold its pool's memory: free them all
+        if self._weights != _weight_fingerprint(self.model):
+            return
+        for entry in graphs.values():
+            entry.keep, entry.eager_host_seconds, entry._timed = (), None, None
+        _KEPT[self.model] = _Kept(self._weights, self._pool, graphs)
 
     def __call__(self, x, t, cond, **kwargs):
         if not self._can_capture(x):
@@ -228,6 +277,8 @@ class GraphedModel:
             run = lambda: self.model(static[0], static[1], static[2], **kwargs)  # noqa: E731
             out = _capture_behind_queue(graph, self._pool, run, _device(args[0]))
             entry.graph, entry.out = graph, out
+            if self.keep and self._weights is None:
+                self._weights = _weight_fingerprint(self.model)
         except Exception as e:  # capture is an optimisation: any failure -> eager, logged
             self.failed_captures += 1
             _rng_restore(rng)
@@ -249,6 +300,40 @@ class GraphedModel:
         self.captures += 1
         self._entries[key] = entry
         return entry
+
+
+class _Kept:
+    """Graphs one model's loop left for its next loop: their pool, and the weights they read (fingerprint)."""
+
+    def __init__(self, weights: tuple, pool, entries: dict[tuple, Any]):
+        self.weights, self.pool, self.entries = weights, pool, entries
+
+
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Kept (dies with the model)
+
+
+def release_graphs(model: Any) -> bool:
+    """Free the CUDA graphs kept for ``model`` (and their memory, at the allocator's next empty_cache); call it
+    before moving, replacing or dropping the model's weights. True when there were any."""
+    return _KEPT.pop(model, None) is not None
+
+
+def kept_graphs(model: Any) -> int:
+    """How many graphs are kept for ``model``'s next loop."""
+    kept = _KEPT.get(model)
+    return 0 if kept is None else len(kept.entries)
+
+
+def _weight_fingerprint(model: Any) -> tuple:
+    """Where the weights a graph reads live: (pointer, dtype, shape) of every parameter and buffer."""
+    if not isinstance(model, torch.nn.Module):
+        return ()
+    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _reusable(key: tuple) -> bool:
+    """A key that can match a later loop's call: only shapes and values, no object named by identity."""
+    return all(sig[0] in ("T", "V") for sig in key[1:])
 
 
 _capture_streams: dict[int, torch.cuda.Stream] = {}

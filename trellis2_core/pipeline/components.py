@@ -20,6 +20,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.decoder_chunking import chunk_decoder
+from ..nn.cuda_graphs import release_graphs
 from ..nn.streaming import stream_blocks, streamer_of, unstream
 
 if TYPE_CHECKING:
@@ -52,6 +53,12 @@ class PlanSwitches:
     def cuda_graphs(self) -> bool:
         """Whether sampling loops may replay CUDA graphs (False when the plan has no room for their memory)."""
         return True if self.plan is None else self.plan.cuda_graphs
+
+    @property
+    def keep_graphs(self) -> bool:
+        """Whether the SS stage's CUDA graphs may outlive its loop for the next generation (``nn/cuda_graphs.py``,
+        "Kept across loops"): the source releases them whenever it moves or drops that model's weights."""
+        return self.cuda_graphs and (True if self.plan is None else self.plan.keep_graphs)
 
 
 class Components(PlanSwitches):
@@ -136,6 +143,7 @@ class Components(PlanSwitches):
             streamer.release()  # copies a failed forward left on the device
         if self.policy == "keep":
             return
+        release_graphs(model)  # kept CUDA graphs read these weights where they are now
         unstream(model)  # blocks are in CPU memory already; the top-level layers follow below
         if self.policy == "offload":
             self._offload(role, model)
@@ -158,6 +166,8 @@ class Components(PlanSwitches):
 
     def unload_all(self) -> None:
         """Drop every loaded model (e.g. before a run that needs the memory)."""
+        for model in self._loaded.values():
+            release_graphs(model)
         self._loaded.clear()
         self._pinned.clear()
         gc.collect()
@@ -178,3 +188,9 @@ def batched_cfg(components: ComponentSource) -> bool:
 def cuda_graphs(components: ComponentSource) -> bool:
     """Whether sampling loops may replay CUDA graphs (True unless a memory plan says no)."""
     return bool(getattr(components, "cuda_graphs", True))
+
+
+def keep_graphs(components: ComponentSource) -> bool:
+    """Whether a loop's graphs may be kept for the next generation: only for sources that say so (they must call
+    ``nn.cuda_graphs.release_graphs`` when they move or drop a model's weights)."""
+    return bool(getattr(components, "keep_graphs", False))

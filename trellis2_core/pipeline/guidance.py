@@ -13,7 +13,8 @@ V = 1 takes the single-view path unchanged.
 On CUDA the model runs through ``nn.cuda_graphs.GraphedModel`` for the length of the loop (``cuda_graphs=True``,
 the default): same-shape calls after the first replay a captured graph where that pays, which removes the host's
 launch overhead at small token counts (results unchanged; ``TRELLIS2_CUDA_GRAPHS=0`` turns it off). It is told how
-many calls of each batch size the schedule makes (``_calls_per_batch``).
+many calls of each batch size the schedule makes (``_calls_per_batch``). With ``keep_graphs`` (the SS stage, whose
+shapes never change) the graphs stay with the model for the next generation.
 """
 
 from __future__ import annotations
@@ -40,11 +41,14 @@ def run_sampler(
     batched_cfg: bool = True,
     multiview_mode: str = "concat",
     cuda_graphs: bool = True,
+    keep_graphs: bool = False,
     **model_kwargs: Any,
 ) -> torch.Tensor | SparseTensor:
     """The sample at t = 0 for ``noise`` (dense [1, ...] or a SparseTensor of one item) under ``cond`` [V, L, C].
 
     V = 1: one image (the reference's path). V > 1: views combined per ``multiview_mode`` (multiview.py).
+    keep_graphs: keep this loop's CUDA graphs with the model for the next loop (``GraphedModel(keep=True)``; the
+    caller releases them when it moves the model's weights).
     """
     if not torch.is_tensor(cond) or cond.dim() != 3 or cond.shape[0] < 1:
         got = tuple(cond.shape) if torch.is_tensor(cond) else type(cond).__name__
@@ -54,7 +58,7 @@ def run_sampler(
     neg_cond = torch.zeros_like(cond)
     calls = _calls_per_batch(params, batch_items(noise), batched_cfg, cond.shape[0] if multiview_mode == "average" else 1)
     # the multi-view wrapper calls the graphed model
-    with GraphedModel(model, enabled=cuda_graphs, expected_calls=calls) as graphed:
+    with GraphedModel(model, enabled=cuda_graphs, expected_calls=calls, keep=keep_graphs) as graphed:
         model_fn = graphed
         if cond.shape[0] > 1:
             model_fn, cond, neg_cond, progress, batched_cfg = multiview.prepare(

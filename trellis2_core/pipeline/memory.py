@@ -195,6 +195,7 @@ class MemoryPlan:
     stages: tuple[StageEstimate, ...] = ()
     fits: bool = True
     cuda_graphs: bool = True  # sampling loops may replay CUDA graphs (GRAPH_HEADROOM more DiT activations)
+    keep_graphs: bool = True  # the SS stage's graphs may stay for the next generation (see _kept_graphs_fit)
 
     @property
     def peak_bytes(self) -> int:
@@ -204,7 +205,8 @@ class MemoryPlan:
         chunk = self.decoder_chunk_voxels or "off"
         budget = "none" if self.budget_bytes is None else f"{self.budget_bytes / GiB:.1f} GiB"
         return (f"{self.pipeline_type} budget {budget}: policy {self.policy}, stream_blocks {self.stream_blocks}, "
-                f"batched_cfg {self.batched_cfg}, cuda_graphs {self.cuda_graphs}, decoder_chunk_voxels {chunk}; estimated peak "
+                f"batched_cfg {self.batched_cfg}, cuda_graphs {self.cuda_graphs}, keep_graphs {self.keep_graphs}, "
+                f"decoder_chunk_voxels {chunk}; estimated peak "
                 f"{self.peak_bytes / GiB:.2f} GiB{'' if self.fits else ' (DOES NOT FIT)'}")  # fmt: skip
 
     def table(self) -> str:
@@ -331,7 +333,8 @@ def plan_memory(sizes: Any, device: torch.device | str, vram_budget: Any, *, pip
     keep = estimate("keep", True, False, None)
     if max(s.total_bytes for s in keep) <= usable:
         result = make("keep", True, False, None, usable)
-        return dataclasses.replace(result, cuda_graphs=_graphs_fit(result, sizes, False, usable))
+        graphs = _graphs_fit(result, sizes, False, usable)
+        return dataclasses.replace(result, cuda_graphs=graphs, keep_graphs=graphs and _kept_graphs_fit(result, sizes, usable))
     ram = _host_ram() if host_ram_bytes is None else host_ram_bytes
     policy = "free" if ram is not None and all_weights > 0.7 * ram else "offload"
     fits = True
@@ -348,7 +351,8 @@ def plan_memory(sizes: Any, device: torch.device | str, vram_budget: Any, *, pip
         chunk = -(fitting[0] if fitting else min(tried))[1]
     result = make(policy, batched, stream, chunk, usable)
     fits = fits and result.peak_bytes <= usable
-    result = dataclasses.replace(result, fits=fits, cuda_graphs=_graphs_fit(result, sizes, stream, usable))
+    # Models leave the device after their stage here, and kept graphs with them (Components releases them).
+    result = dataclasses.replace(result, fits=fits, cuda_graphs=_graphs_fit(result, sizes, stream, usable), keep_graphs=False)
     (log.info if fits else log.warning)("memory plan: %s", result.summary())
     return result
 
@@ -365,6 +369,20 @@ def _graphs_fit(plan: MemoryPlan, sizes: Mapping[str, ModelSize], stream: bool, 
         return False
     dits = [s for s in plan.stages if sizes[s.role].kind == "dit"]
     return all(s.weight_bytes + GRAPH_HEADROOM * s.activation_bytes <= usable for s in dits)
+
+
+def _kept_graphs_fit(plan: MemoryPlan, sizes: Mapping[str, ModelSize], usable: int) -> bool:
+    """Whether every stage after the structure stage still fits with that stage's graphs kept for the next generation
+    (GRAPH_HEADROOM x its activations; nn/cuda_graphs.py "Kept across loops"), DiT stages with their own graphs."""
+    ss = [i for i, s in enumerate(plan.stages) if s.role == SS_FLOW]
+    if not ss:
+        return True
+    kept = int(GRAPH_HEADROOM * plan.stages[ss[0]].activation_bytes)
+    for s in plan.stages[ss[0] + 1 :]:
+        own = s.weight_bytes + GRAPH_HEADROOM * s.activation_bytes if sizes[s.role].kind == "dit" else s.total_bytes
+        if own + kept > usable:
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- components

@@ -14,7 +14,7 @@ from ..errors import InputError
 from ..structure import occupancy_coords
 from ..sampling import SamplerParams
 from . import rng
-from .components import ComponentSource, batched_cfg, cuda_graphs
+from .components import ComponentSource, batched_cfg, cuda_graphs, keep_graphs
 from .guidance import run_sampler
 from .types import Conditioning, Structure
 
@@ -45,6 +45,7 @@ def sample_structure(
         noise = rng.randn((1, cfg.in_channels, cfg.resolution, cfg.resolution, cfg.resolution), generator, device)
         z = run_sampler(flow, noise, cond.at(512), params, progress=progress, should_stop=should_stop,
                         batched_cfg=batched_cfg(components), cuda_graphs=cuda_graphs(components),
+                        keep_graphs=keep_graphs(components),
                         multiview_mode=cond.multiview_mode)
     with components.use(DECODER) as decoder:
         logits = decoder(z)
