@@ -114,10 +114,12 @@ def sampler(stage: str) -> SamplerParams:
     return SamplerParams.from_pipeline_entry(M.PIPELINE[f"{stage}_sampler"])
 
 
-def run_pipeline(ptype: str, comps: M.TimedComponents, cond: Conditioning) -> dict:
-    """Sampling + decode of one pipeline type on its fixed shell; returns counts and wall time."""
+def run_pipeline(ptype: str, comps: M.TimedComponents, cond: Conditioning, shell_scale: float = 1.0) -> dict:
+    """Sampling + decode of one pipeline type on its fixed shell (radius x ``shell_scale``); returns counts and wall
+    time."""
     p = plan(ptype)
     rho, w = M.SHELLS[ptype]
+    rho *= shell_scale
     M.SHELL_NOW.update(rho=rho, w=w)
     comps.records.clear()
     g = torch.Generator().manual_seed(0)
@@ -186,6 +188,9 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true", help="sampling loops eager (TRELLIS2_CUDA_GRAPHS=0)")
     ap.add_argument("--attention", default=None, help="SDPA backend (TRELLIS2_ATTENTION_BACKEND); default auto")
     ap.add_argument("--trace", action="store_true", help="print every sampler model call: kind, host ms, gap")
+    ap.add_argument("--vary-tokens", action="store_true",
+                    help="repeat i scales the shell radius by 1 + 0.02 (i + 1): new token counts every run, as with "
+                         "new images (first-call costs per shape: cuDNN plans, kernel variants)")  # fmt: skip
     ap.add_argument("--plan", action="store_true",
                     help="with --vram-budget: run under the engine's memory plan for it (streaming, chunked decoders)")  # fmt: skip
     args = ap.parse_args()
@@ -230,16 +235,18 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         try:
             runs = []
-            for _ in range(max(1, args.repeat)):
+            for i in range(max(1, args.repeat)):
                 M.CountingGraphedModel.trace = [] if args.trace else None
-                info = run_pipeline(ptype, comps, cond)
+                info = run_pipeline(ptype, comps, cond, 1 + 0.02 * (i + 1) if args.vary_tokens else 1.0)
                 if args.trace:
                     print_trace(ptype, info["wall"], M.CountingGraphedModel.trace)
                 runs.append((info["wall"], info, list(comps.records)))
             runs.sort(key=lambda r: r[0])
             _, info, comps.records = runs[len(runs) // 2]
             if len(runs) > 1:
-                emit(f"\n{ptype}: {len(runs)} runs, wall s " + " ".join(f"{w:.3f}" for w, _, _ in runs),
+                emit(f"\n{ptype}: {len(runs)} runs, wall s " + " ".join(f"{w:.3f}" for w, _, _ in runs)
+                     + ("; tokens (LR/final) " + " ".join(f"{r[1]['lr_tokens']}/{r[1]['hr_tokens']}" for r in runs)
+                        if args.vary_tokens else ""),
                      kind="repeat", ptype=ptype, walls=[w for w, _, _ in runs])  # fmt: skip
             report(ptype, info, comps, ceiling, args.vram_budget)
         except torch.OutOfMemoryError as e:

@@ -346,6 +346,96 @@ def host_table() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
+def host_slat_table() -> None:
+    """Where the host's time goes when capturing an SLat forward (2,984 tokens, the guided pair B=2, as at 512):
+    wall of an eager enqueue and of a capture, then cProfile of one capture by own time (Python and torch calls)."""
+    import cProfile
+    import pstats
+    import time
+
+    dev = torch.device("cuda")
+    sl = M.build("shape_slat_flow_model_512", dev)
+    c1 = M.shell_coords(32, 0.36, 0.0, dev)
+    coords = torch.cat([c1, torch.cat([torch.ones_like(c1[:, :1]), c1[:, 1:]], 1)])
+    xs = SparseTensor(torch.randn(coords.shape[0], 32, device=dev), coords)
+    t, cond = torch.full((2,), 800.0, device=dev), torch.randn(2, 1029, CTX, device=dev)
+    print(f"\n## host: SLat forward {c1.shape[0]} tokens B=2 (eager enqueue, capture), ms")
+    with torch.no_grad():
+        for _ in range(3):
+            sl(xs, t, cond, zero_cond_from=1)
+        torch.cuda.synchronize()
+        for how in ("eager", "capture", "eager", "capture"):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if how == "eager":
+                sl(xs, t, cond, zero_cond_from=1)
+            else:
+                g = torch.cuda.CUDAGraph()
+                bare_capture(g, lambda: sl(xs, t, cond, zero_cond_from=1), pool=torch.cuda.graph_pool_handle())
+            print(f"  {how:<8} {1e3 * (time.perf_counter() - t0):7.1f}", flush=True)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        g = torch.cuda.CUDAGraph()
+        prof.enable()
+        bare_capture(g, lambda: sl(xs, t, cond, zero_cond_from=1), pool=torch.cuda.graph_pool_handle())
+        prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    del sl, g
+    torch.cuda.empty_cache()
+
+
+def first_call_table() -> None:
+    """What a new token count costs on its first call (every new image brings one): host ms of the first and a
+    repeated SDPA call per backend at fresh sequence lengths (self and cross, B=1 and 2), then of a whole SLat
+    forward (2,984-ish tokens, B=2) per attention backend, first call vs second."""
+    import time
+
+    from trellis2.trellis2_core.nn.attention import attention_backend
+
+    def wall(fn):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - t0)
+
+    bf = dict(device="cuda", dtype=torch.bfloat16)
+    warm = torch.randn(1, H, 500, D, **bf)
+    for be in SDPA.values():  # library loading and initialisation are not what is measured
+        with sdpa_kernel([be]):
+            F.scaled_dot_product_attention(warm, warm, warm)
+    print("\n## first call at a new sequence length: ms (first / second call, synchronised)")
+    print(f"{'case':<24} " + " ".join(f"{n:>16}" for n in SDPA))
+    for i, (b, lk) in enumerate([(2, None), (1, None), (2, 1029), (1, 1029)]):
+        n = 3001 + 37 * i
+        q = torch.randn(b, H, n, D, **bf)
+        k, v = (torch.randn(b, H, lk or n, D, **bf) for _ in range(2))
+        cells = []
+        for j, be in enumerate(SDPA.values()):
+            qq, kk, vv = q[:, :, : n - j], k[:, :, : (lk or n - j)], v[:, :, : (lk or n - j)]  # new lengths per backend
+            with sdpa_kernel([be]):
+                try:
+                    f = lambda: F.scaled_dot_product_attention(qq, kk, vv)  # noqa: E731
+                    cells.append(f"{wall(f):7.1f} /{wall(f):6.1f}")
+                except RuntimeError:
+                    cells.append(f"{'n/a':>16}")
+        print(f"{f'B={b} {n}x' + (str(lk) if lk else 'self'):<24} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+    dev = torch.device("cuda")
+    sl = M.build("shape_slat_flow_model_512", dev)
+    t, cond = torch.full((2,), 800.0, device=dev), torch.randn(2, 1029, CTX, device=dev)
+    print("\n## SLat forward B=2 at a new token count, per attention backend: ms (first / second call)")
+    with torch.no_grad():
+        for i, name in enumerate(("auto", "flash", "efficient", "auto")):
+            c1 = M.shell_coords(32, 0.36 * (1.03 + 0.03 * i), 0.0, dev)
+            coords = torch.cat([c1, torch.cat([torch.ones_like(c1[:, :1]), c1[:, 1:]], 1)])
+            xs = SparseTensor(torch.randn(coords.shape[0], 32, device=dev), coords)
+            with attention_backend(name):
+                first, second = wall(lambda: sl(xs, t, cond, zero_cond_from=1)), wall(lambda: sl(xs, t, cond, zero_cond_from=1))
+            print(f"  {name:<10} {c1.shape[0]:6d} tokens  {first:7.1f} / {second:6.1f}", flush=True)
+    del sl
+    torch.cuda.empty_cache()
+
+
 def capture_first(mode: str = "thread_local") -> None:
     """Can a flow model's very first call be captured (no eager warm-up: Triton compilation, cuDNN plans and the
     coordinate caches created inside the capture)? Run as the first thing in a fresh process."""
@@ -492,6 +582,7 @@ def main() -> None:
     ap.add_argument("--overlap", action="store_true", help="a capture behind queued GPU work: synchronised vs bare")
     ap.add_argument("--kernels", action="store_true", help="the heaviest kernels of an SS and an HR SLat forward")
     ap.add_argument("--layout", action="store_true", help="cuDNN attention per q/k/v layout; F.linear host cost")
+    ap.add_argument("--first-call", action="store_true", help="first-call costs of new token counts per backend")
     ap.add_argument("--host", action="store_true", help="host-side (CPU) op costs of one eager SS forward, B=1")
     ap.add_argument("--capture-first", nargs="?", const="thread_local", default=None, metavar="MODE",
                     help="only: capture a first-ever forward (fresh process); MODE: capture_error_mode")  # fmt: skip
@@ -523,8 +614,11 @@ def main() -> None:
         layout_table()
         layout_forward_table()
         linear_host_table()
+    if args.first_call:
+        first_call_table()
     if args.host:
         host_table()
+        host_slat_table()
 
 
 if __name__ == "__main__":

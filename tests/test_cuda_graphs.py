@@ -215,9 +215,12 @@ def test_cuda_later_loops_capture_known_host_bound_keys_at_their_first_call():
             out = later(x, t, cond)
             assert later.captures == 1 and later.replays == 1  # no eager call first
             assert torch.equal(out, m(x, t, cond))
-            big = torch.randn(3, 8, 4, 4, 4, device="cuda")  # larger than anything judged: eager first again
-            later(big, torch.full((3,), 700.0, device="cuda"), torch.randn(3, 3, 16, device="cuda"))
-            assert later.captures == 1
+            near = torch.randn(3, 8, 4, 4, 4, device="cuda")  # 1.5x the learnt size (the next image's): captured
+            out = later(near, torch.full((3,), 700.0, device="cuda"), torch.randn(3, 3, 16, device="cuda"))
+            assert later.captures == 2 and later.replays == 2
+            big = torch.randn(4, 8, 4, 4, 4, device="cuda")  # beyond the margin: eager first again
+            later(big, torch.full((4,), 700.0, device="cuda"), torch.randn(4, 3, 16, device="cuda"))
+            assert later.captures == 2
 
 
 @pytest.mark.cuda
@@ -340,6 +343,20 @@ def test_cuda_pipeline_with_and_without_graphs_is_identical(tmp_path, monkeypatc
     assert torch.equal(a.shape.latent.coords, b.shape.latent.coords)
     assert torch.equal(a.shape.latent.feats, b.shape.latent.feats)
     assert torch.equal(_feats(a.material.latent), _feats(b.material.latent))
+
+
+def test_host_bound_verdicts_extend_to_the_next_images_size_unless_known_gpu_bound():
+    model = torch.nn.Linear(1, 1)  # any weakly referable object: verdicts are kept per model
+    x = lambda rows: torch.empty(rows, 8)  # noqa: E731
+    assert not graph_policy.known_host_bound(model, x(1))  # nothing learnt yet
+    graph_policy.learn_host_bound(model, x(1000))
+    assert graph_policy.known_host_bound(model, x(400)) and graph_policy.known_host_bound(model, x(1000))
+    margin = int(graph_policy.HOST_MARGIN * 1000)
+    assert graph_policy.known_host_bound(model, x(margin)) and not graph_policy.known_host_bound(model, x(margin + 1))
+    graph_policy.learn_gpu_bound(model, x(4000), 4 * graph_policy.GPU_BOUND_RATIO)  # at 1,300 rows: 1.6 > 1.25
+    assert graph_policy.known_gpu_bound(model, x(1300))
+    assert not graph_policy.known_host_bound(model, x(1300))  # within the margin, but the GPU-bound scaling says no
+    assert graph_policy.known_host_bound(model, x(1000))  # what was measured host-bound stays so
 
 
 # ---------------------------------------------------------------------------------------- graphs kept across loops

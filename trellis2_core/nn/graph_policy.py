@@ -28,10 +28,13 @@ A key stays eager when a graph would not pay:
   elements, is still over ``GPU_BOUND_RATIO`` (the single-branch half of a 12k-token guided pair): eager, unjudged.
   (Judging it would wait behind the pair's queued work, and a host held up by the full launch queue looks slow.)
 
-First calls: a key no larger than an input of the same model already found clearly host-bound (in this loop or
-an earlier one: learnt per model object for the life of the process, when a key's first replay took the GPU under
-``LEARN_RATIO`` x the host time of its eager first call; the replay is timed with events read without waiting)
-skips the eager first call and is captured at once; the model's ``prepare_inputs(x)`` first builds what a first
+First calls: a key no larger than ``HOST_MARGIN`` x an input of the same model already found clearly host-bound
+(in this loop or an earlier one: learnt per model object for the life of the process, when a key's first replay
+took the GPU under ``LEARN_RATIO`` x the host time of its eager first call; the replay is timed with events read
+without waiting), and not known GPU-bound, skips the eager first call and is captured at once. The margin is for
+the next image: its token count differs from the last one's by a few tens of percent either way, and a larger one
+would otherwise pay an eager call and a capture again (H100, 1024_cascade with new token counts every run, the LR
+shape stage at 7,456 rows after 7,360 were learnt: an eager call of 248 ms of host time before its capture); the model's ``prepare_inputs(x)`` first builds what a first
 call would create and read back to the host (the batch offsets, RoPE phases and packed layout cached on new
 coordinates). An eager first call of a host-bound key
 costs its host time (50-150 ms at 3-6k tokens on an H100's host) while the GPU needs 20-46 ms; from the second
@@ -53,6 +56,7 @@ import torch
 from ..sparse import SparseTensor
 
 MIN_CALLS = 3  # a batch size expected fewer calls than this per loop stays eager
+HOST_MARGIN = 1.5  # up to this x the largest input learnt host-bound counts as host-bound (the next image's size)
 GPU_BOUND_RATIO = 1.25  # first call's GPU time over its host time above this: GPU-bound
 BEHIND = 0.3  # the GPU still busy with a first call this long (x its host time) after it returned: GPU-bound
 LEARN_RATIO = 0.8  # a replay's GPU time under this x the eager call's host time: learnt host-bound
@@ -61,11 +65,14 @@ GPU_BOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (
 
 
 def known_host_bound(model, x) -> bool:
-    """x is no larger than an input of ``model`` already found host-bound (in this or an earlier loop)."""
+    """x is no larger than an input of ``model`` already found host-bound (in this or an earlier loop), or within
+    ``HOST_MARGIN`` of it and not known GPU-bound."""
     try:
-        return size(x) <= HOST_BOUND.get(model, 0)
+        largest = HOST_BOUND.get(model, 0)
     except TypeError:  # a model that cannot be weakly referenced: nothing learnt
         return False
+    n = size(x)
+    return n <= largest or (n <= HOST_MARGIN * largest and not known_gpu_bound(model, x))
 
 
 def known_gpu_bound(model, x) -> bool:
