@@ -365,7 +365,8 @@ def _fake_capture(graphed: GraphedModel, *args, **kwargs) -> tuple:
     key = graphed.key(*args, **kwargs)
     graphed._entries[key] = cuda_graphs._Entry(args + tuple(kwargs.values()))
     graphed._pool = graphed._pool or ("pool",)
-    graphed._weights = graphed._weights or cuda_graphs._weight_fingerprint(graphed.model)
+    if isinstance(graphed.model, torch.nn.Module):
+        graphed._weights = graphed._weights or cuda_graphs._weight_fingerprint(graphed.model)
     return key
 
 
@@ -421,6 +422,14 @@ def test_only_loops_whose_keys_name_no_object_keep_graphs_and_release_frees_them
     _fake_capture(kept, x, t, cond)
     kept.close()
     assert cuda_graphs.release_graphs(m) and cuda_graphs.kept_graphs(m) == 0 and not cuda_graphs.release_graphs(m)
+
+    assert not cuda_graphs.release_graphs(object()) and cuda_graphs.kept_graphs(object()) == 0  # not weakly referable
+    fn = lambda x, t, cond: x  # noqa: E731 (a plain callable: its weights are unknown, so nothing is kept)
+    loose = GraphedModel(fn, keep=True)
+    _fake_capture(loose, x, t, cond)
+    loose._weights = ()  # even with a (vacuous) fingerprint
+    loose.close()
+    assert cuda_graphs.kept_graphs(fn) == 0
 
 
 def test_components_release_kept_graphs_when_they_move_or_drop_a_model():

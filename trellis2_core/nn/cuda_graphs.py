@@ -154,7 +154,7 @@ class GraphedModel:
 
     def _adopt(self) -> None:
         """Take the graphs an earlier loop kept for this model, if its weights are still the same tensors."""
-        kept = _KEPT.pop(self.model, None)  # one wrapper at a time owns them (their static inputs are shared)
+        kept = _pop_kept(self.model)  # one wrapper at a time owns them (their static inputs are shared)
         if kept is None or not self.enabled:
             return
         if kept.weights != _weight_fingerprint(self.model):
@@ -165,8 +165,10 @@ class GraphedModel:
 
     def _keep(self) -> None:
         graphs = {k: e for k, e in self._entries.items() if isinstance(e, _Entry)}
-        if not graphs or not all(_reusable(k) for k in graphs) or self._weights is None:
-            return  # a sparse key's graph would only hold its pool's memory: free them all
+        if not graphs or not all(_reusable(k) for k in graphs) or not isinstance(self.model, torch.nn.Module):
+            return  # a sparse key's graph would only hold its pool's memory (and a plain callable's weights are unknown)
+        if self._weights is None:
+            return
         if self._weights != _weight_fingerprint(self.model):
             return
         for entry in graphs.values():
@@ -277,7 +279,7 @@ class GraphedModel:
             run = lambda: self.model(static[0], static[1], static[2], **kwargs)  # noqa: E731
             out = _capture_behind_queue(graph, self._pool, run, _device(args[0]))
             entry.graph, entry.out = graph, out
-            if self.keep and self._weights is None:
+            if self.keep and self._weights is None and isinstance(self.model, torch.nn.Module):
                 self._weights = _weight_fingerprint(self.model)
         except Exception as e:  # capture is an optimisation: any failure -> eager, logged
             self.failed_captures += 1
@@ -314,20 +316,28 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Kept
 
 def release_graphs(model: Any) -> bool:
     """Free the CUDA graphs kept for ``model`` (and their memory, at the allocator's next empty_cache); call it
-    before moving, replacing or dropping the model's weights. True when there were any."""
-    return _KEPT.pop(model, None) is not None
+    before moving, replacing or dropping the model's weights. True when there were any. Any object may be passed."""
+    return _pop_kept(model) is not None
 
 
 def kept_graphs(model: Any) -> int:
     """How many graphs are kept for ``model``'s next loop."""
-    kept = _KEPT.get(model)
+    try:
+        kept = _KEPT.get(model)
+    except TypeError:  # not weakly referable: never kept
+        return 0
     return 0 if kept is None else len(kept.entries)
 
 
-def _weight_fingerprint(model: Any) -> tuple:
+def _pop_kept(model: Any) -> _Kept | None:
+    try:
+        return _KEPT.pop(model, None)
+    except TypeError:  # not weakly referable: never kept
+        return None
+
+
+def _weight_fingerprint(model: torch.nn.Module) -> tuple:
     """Where the weights a graph reads live: (pointer, dtype, shape) of every parameter and buffer."""
-    if not isinstance(model, torch.nn.Module):
-        return ()
     return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in itertools.chain(model.parameters(), model.buffers()))
 
 
