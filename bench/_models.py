@@ -116,6 +116,11 @@ def shell_coords(grid: int, rho: float, w: float, device) -> torch.Tensor:
     return c.int()
 
 
+def batched(coords: torch.Tensor, items: int) -> torch.Tensor:
+    """``items`` copies of batch-0 ``coords`` as one batch (item i's batch index i): the guided pair at items=2."""
+    return torch.cat([torch.cat([torch.full_like(coords[:, :1], i), coords[:, 1:]], 1) for i in range(items)])
+
+
 SHELL_NOW = {"rho": 0.4, "w": 0.0}  # the pipeline type being run sets this (survives 'free' rebuilds)
 
 

@@ -39,7 +39,7 @@ from ..trellis2_core.checkpoints import load_model
 from ..trellis2_core.conditioning import DinoV3Conditioner
 from ..trellis2_core.errors import CheckpointError, InputError
 from ..trellis2_core.models.decoder_chunking import chunk_decoder
-from ..trellis2_core.nn.cuda_graphs import release_graphs
+from ..trellis2_core.nn.kept_graphs import release_graphs
 from ..trellis2_core.nn.streaming import stream_blocks, streamer_of, unstream
 from ..trellis2_core.pipeline import Trellis2Pipeline, default_dtype
 from ..trellis2_core.pipeline.components import PlanSwitches
@@ -131,7 +131,7 @@ class _Managed(torch.nn.Module):
 
 
 class _Patcher(comfy.model_patcher.ModelPatcher):
-    """ModelPatcher that frees the CUDA graphs kept for its network (the SS flow's, ``nn/cuda_graphs.py``) before
+    """ModelPatcher that frees the CUDA graphs kept for its network (the SS flow's, ``nn/kept_graphs.py``) before
     ComfyUI moves the weights they read: on a full unload (``detach``) and on a partial one (``partially_unload``,
     when another model needs the memory)."""
 

@@ -46,6 +46,51 @@ def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float =
     assert err <= rtol, f"{what}: relative error {err:.3e} > {rtol:.1e} (max abs diff {(a - e).abs().max():.3e})"
 
 
+# A two-block bf16 DiT config for the CUDA-graph tests (test_cuda_graphs*.py): small enough to be host-bound.
+TINY_GRAPH_DIT = {
+    "resolution": 4, "in_channels": 8, "out_channels": 8, "model_channels": 64, "cond_channels": 16,
+    "num_blocks": 2, "num_heads": 2, "mlp_ratio": 4.0, "pe_mode": "rope", "share_mod": True,
+    "initialization": "scaled", "qk_rms_norm": True, "qk_rms_norm_cross": True, "dtype": "bfloat16",
+}  # fmt: skip
+
+
+def random_sparse(lengths, channels: int, *, res: int = 40, seed: int = 1):
+    """A CPU SparseTensor with len(lengths) items of distinct random voxels (coords < res) and random features."""
+    from trellis2.trellis2_core.sparse import SparseTensor
+
+    g = torch.Generator().manual_seed(seed)
+    coords = []
+    for b, n in enumerate(lengths):
+        cells = torch.randperm(res**3, generator=g)[:n].sort().values
+        xyz = torch.stack([cells // (res * res), cells // res % res, cells % res], dim=1)
+        coords.append(torch.cat([torch.full((n, 1), b), xyz], dim=1))
+    coords = torch.cat(coords).int()
+    return SparseTensor(torch.randn(coords.shape[0], channels, generator=g), coords)
+
+
+def random_model(name: str, config: dict, *, device: str = "cpu", seed: int = 0, **args) -> torch.nn.Module:
+    """Model ``name`` built from ``config`` (overridden by ``args``) in eval mode, every parameter random x 0.3 (the
+    reference zero-initialises some layers; random everywhere exercises every path)."""
+    from trellis2.trellis2_core.models import from_config
+
+    torch.manual_seed(seed)
+    m = from_config({"name": name, "args": {**config, **args}}, device=device).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def block_image():
+    """A 96 x 80 RGBA image: one opaque orange block on a transparent background."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros((96, 80, 4), np.uint8)
+    rgba[20:70, 15:60] = (200, 60, 30, 255)
+    return Image.fromarray(rgba, "RGBA")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -7,42 +7,21 @@ switch turns it off, and whole pipelines give identical results with and without
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from trellis2.trellis2_core.models import from_config
+from conftest import TINY_GRAPH_DIT, block_image, random_model, random_sparse
 from trellis2.trellis2_core.nn import cuda_graphs, graph_policy
 from trellis2.trellis2_core.nn.cuda_graphs import ENV_VAR, GraphedModel, graphs_enabled
 from trellis2.trellis2_core.nn.streaming import stream_blocks, unstream
 from trellis2.trellis2_core.sparse import SparseTensor
 
-TINY = {
-    "resolution": 4, "in_channels": 8, "out_channels": 8, "model_channels": 64, "cond_channels": 16,
-    "num_blocks": 2, "num_heads": 2, "mlp_ratio": 4.0, "pe_mode": "rope", "share_mod": True,
-    "initialization": "scaled", "qk_rms_norm": True, "qk_rms_norm_cross": True, "dtype": "bfloat16",
-}  # fmt: skip
-
-
 def _model(name: str, device: str, **args) -> torch.nn.Module:
-    torch.manual_seed(0)
-    m = from_config({"name": name, "args": {**TINY, **args}}, device=device).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return m
+    return random_model(name, TINY_GRAPH_DIT, device=device, **args)
 
 
 def _sparse(lengths, channels, device, seed=1, res=12):
-    g = torch.Generator().manual_seed(seed)
-    coords = []
-    for b, n in enumerate(lengths):
-        cells = torch.randperm(res**3, generator=g)[:n].sort().values
-        xyz = torch.stack([cells // (res * res), cells // res % res, cells % res], dim=1)
-        coords.append(torch.cat([torch.full((n, 1), b), xyz], dim=1))
-    coords = torch.cat(coords).int()
-    return SparseTensor(torch.randn(coords.shape[0], channels, generator=g), coords).to(device)
+    return random_sparse(lengths, channels, res=res, seed=seed).to(device)
 
 
 def _feats(v):
@@ -329,9 +308,7 @@ def test_cuda_pipeline_with_and_without_graphs_is_identical(tmp_path, monkeypatc
 
     root = write_tiny_snapshot(tmp_path / "tiny")
     pipe = Trellis2Pipeline.from_pretrained(root, device="cuda", allow_download=False)
-    rgba = np.zeros((96, 80, 4), np.uint8)
-    rgba[20:70, 15:60] = (200, 60, 30, 255)
-    image = Image.fromarray(rgba, "RGBA")
+    image = block_image()
     fast = {stage: {"steps": 4} for stage in ("sparse_structure", "shape_slat", "tex_slat")}
     results = []
     for env in ("1", "0"):
@@ -357,158 +334,3 @@ def test_host_bound_verdicts_extend_to_the_next_images_size_unless_known_gpu_bou
     assert graph_policy.known_gpu_bound(model, x(1300))
     assert not graph_policy.known_host_bound(model, x(1300))  # within the margin, but the GPU-bound scaling says no
     assert graph_policy.known_host_bound(model, x(1000))  # what was measured host-bound stays so
-
-
-# ---------------------------------------------------------------------------------------- graphs kept across loops
-def _fake_capture(graphed: GraphedModel, *args, **kwargs) -> tuple:
-    """Book a captured entry for this call as _capture would (no GPU: the bookkeeping of keeping is what's tested)."""
-    key = graphed.key(*args, **kwargs)
-    graphed._entries[key] = cuda_graphs._Entry(args + tuple(kwargs.values()))
-    graphed._pool = graphed._pool or ("pool",)
-    if isinstance(graphed.model, torch.nn.Module):
-        graphed._weights = graphed._weights or cuda_graphs._weight_fingerprint(graphed.model)
-    return key
-
-
-def test_kept_graphs_are_adopted_by_the_next_loop_only_while_the_weights_stay_put():
-    m = _model("SparseStructureFlowModel", "cpu", dtype="float32")
-    x, t, cond = torch.randn(2, 8, 4, 4, 4), torch.full((2,), 700.0), torch.randn(2, 3, 16)
-    first = GraphedModel(m, keep=True)
-    key = _fake_capture(first, x, t, cond, zero_cond_from=1)
-    first.close()
-    assert cuda_graphs.kept_graphs(m) == 1 and not first._entries
-    entry = cuda_graphs._KEPT[m].entries[key]
-    assert entry.keep == ()  # the first loop's inputs are not held
-
-    later = GraphedModel(m, keep=True)
-    assert later.reused == 1 and later._entries[key] is entry and later._pool == ("pool",)
-    assert cuda_graphs.kept_graphs(m) == 0  # owned by one loop at a time
-    later.close()
-    assert cuda_graphs.kept_graphs(m) == 1
-
-    assert GraphedModel(m, keep=True, enabled=False).reused == 0 and cuda_graphs.kept_graphs(m) == 0  # dropped
-    again = GraphedModel(m, keep=True)
-    _fake_capture(again, x, t, cond)
-    again.close()
-    p = next(m.parameters())
-    p.data = p.data.clone()  # the weights now live elsewhere: the graph would read the old storage
-    moved = GraphedModel(m, keep=True)
-    assert moved.reused == 0 and not moved._entries and cuda_graphs.kept_graphs(m) == 0
-
-
-def test_only_loops_whose_keys_name_no_object_keep_graphs_and_release_frees_them():
-    m = _model("SparseStructureFlowModel", "cpu", dtype="float32")
-    x, t, cond = torch.randn(1, 8, 4, 4, 4), torch.full((1,), 700.0), torch.randn(1, 3, 16)
-    plain = GraphedModel(m)  # keep=False: nothing outlives the loop
-    _fake_capture(plain, x, t, cond)
-    plain.close()
-    assert cuda_graphs.kept_graphs(m) == 0
-
-    s = _model("SLatFlowModel", "cpu", dtype="float32", in_channels=16)
-    xs = _sparse([5], 16, "cpu")
-    sparse = GraphedModel(s, keep=True)
-    key = _fake_capture(sparse, xs, t, cond)
-    assert not cuda_graphs._reusable(key)  # its coordinates, by identity: never matches a later loop
-    sparse.close()
-    assert cuda_graphs.kept_graphs(s) == 0
-
-    mixed = GraphedModel(m, keep=True)
-    _fake_capture(mixed, x, t, cond)
-    _fake_capture(mixed, x, t, cond, extra=object())  # one key naming an object: the shared pool is freed whole
-    mixed.close()
-    assert cuda_graphs.kept_graphs(m) == 0
-
-    kept = GraphedModel(m, keep=True)
-    _fake_capture(kept, x, t, cond)
-    kept.close()
-    assert cuda_graphs.release_graphs(m) and cuda_graphs.kept_graphs(m) == 0 and not cuda_graphs.release_graphs(m)
-
-    assert not cuda_graphs.release_graphs(object()) and cuda_graphs.kept_graphs(object()) == 0  # not weakly referable
-    fn = lambda x, t, cond: x  # noqa: E731 (a plain callable: its weights are unknown, so nothing is kept)
-    loose = GraphedModel(fn, keep=True)
-    _fake_capture(loose, x, t, cond)
-    loose._weights = ()  # even with a (vacuous) fingerprint
-    loose.close()
-    assert cuda_graphs.kept_graphs(fn) == 0
-
-
-def test_components_release_kept_graphs_when_they_move_or_drop_a_model():
-    from trellis2.trellis2_core.pipeline.components import Components, keep_graphs
-
-    def keep_one(model):
-        g = GraphedModel(model, keep=True)
-        _fake_capture(g, torch.randn(1, 8, 4, 4, 4), torch.full((1,), 700.0), torch.randn(1, 3, 16))
-        g.close()
-        assert cuda_graphs.kept_graphs(model) == 1
-
-    for policy, stays in (("keep", True), ("offload", False), ("free", False)):
-        comps = Components({"flow": lambda: _model("SparseStructureFlowModel", "cpu", dtype="float32")}, "cpu", policy=policy)
-        assert keep_graphs(comps)  # no plan: the stage may keep them; the source releases them on its own moves
-        with comps.use("flow") as flow:
-            keep_one(flow)
-        assert (cuda_graphs.kept_graphs(flow) == 1) is stays, policy
-    keep_comps = Components({"flow": lambda: _model("SparseStructureFlowModel", "cpu", dtype="float32")}, "cpu")
-    with keep_comps.use("flow") as flow:
-        keep_one(flow)
-    keep_comps.unload_all()
-    assert cuda_graphs.kept_graphs(flow) == 0
-    assert keep_graphs(object()) is False  # a source that does not say it releases them keeps nothing
-
-
-@pytest.mark.cuda
-def test_cuda_kept_graphs_replay_in_the_next_loop_and_are_recaptured_after_the_weights_move():
-    m = _model("SparseStructureFlowModel", "cuda")
-    g = torch.Generator(device="cuda").manual_seed(3)
-
-    def loop(graphed):
-        outs = []
-        with torch.no_grad():
-            for step in range(3):
-                for b in (2, 1):
-                    x = torch.randn(b, 8, 4, 4, 4, device="cuda", generator=g)
-                    t = torch.full((b,), 900.0 - 100 * step, device="cuda")
-                    cond = torch.randn(b, 3, 16, device="cuda", generator=g)
-                    out = graphed(x, t, cond)
-                    outs.append(torch.equal(out, m(x, t, cond)))
-        return outs
-
-    with GraphedModel(m, keep=True) as first:
-        assert all(loop(first))
-    assert first.captures == 2 and cuda_graphs.kept_graphs(m) == 2
-    with GraphedModel(m, keep=True) as later:
-        assert all(loop(later))  # bit for bit, from its first call
-    assert later.reused == 2 and later.captures == 0 and later.replays == 6
-    with torch.no_grad():
-        for p in m.parameters():
-            p.data = p.data * 1.25  # new values in new storage: a kept graph would compute with the old ones
-    with GraphedModel(m, keep=True) as moved:
-        assert all(loop(moved))
-    assert moved.reused == 0 and moved.captures == 2
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    reserved = torch.cuda.memory_reserved()
-    assert cuda_graphs.release_graphs(m)
-    torch.cuda.empty_cache()
-    assert torch.cuda.memory_reserved() < reserved  # the graphs' pool went back to the device
-
-
-@pytest.mark.cuda
-def test_cuda_pipeline_keeps_the_structure_stage_graphs_between_generations(tmp_path):
-    from trellis2.trellis2_core.pipeline import Trellis2Pipeline
-    from trellis2.trellis2_core.testing.tiny_snapshot import write_tiny_snapshot
-
-    root = write_tiny_snapshot(tmp_path / "tiny")
-    pipe = Trellis2Pipeline.from_pretrained(root, device="cuda", allow_download=False)
-    rgba = np.zeros((96, 80, 4), np.uint8)
-    rgba[20:70, 15:60] = (200, 60, 30, 255)
-    image = Image.fromarray(rgba, "RGBA")
-    fast = {"sparse_structure": {"steps": 10}, "shape_slat": {"steps": 4}, "tex_slat": {"steps": 4}}
-    a = pipe.generate(image, seed=5, pipeline_type="512", sampler_overrides=fast)
-    with pipe.components.use("sparse_structure_flow_model") as flow:
-        kept = cuda_graphs.kept_graphs(flow)
-    assert kept >= 1
-    b = pipe.generate(image, seed=5, pipeline_type="512", sampler_overrides=fast)  # replays the kept graphs
-    assert torch.equal(a.shape.latent.feats, b.shape.latent.feats)
-    assert torch.equal(_feats(a.material.latent), _feats(b.material.latent))
-    pipe.components.unload_all()
-    assert cuda_graphs.kept_graphs(flow) == 0

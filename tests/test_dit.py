@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import MANIFESTS, assert_close_rel
+from conftest import MANIFESTS, assert_close_rel, random_model, random_sparse
 from trellis2.trellis2_core.errors import ConfigError, InputError
 from trellis2.trellis2_core.models import from_config
 from trellis2.trellis2_core.nn.attention import VarLen, attention_backend
@@ -24,12 +24,7 @@ TINY = {
 
 
 def _model(name: str, seed: int = 0, **args) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    m = from_config({"name": name, "args": {**TINY, **args}}, device="cpu").eval()
-    with torch.no_grad():  # the reference zero-initialises some layers; random everywhere exercises every path
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return m
+    return random_model(name, TINY, seed=seed, **args)
 
 
 def _golden_model(golden):
@@ -49,14 +44,7 @@ def _capture(model, names):
 
 def _sparse(lengths, channels, res=40, seed=1):
     """A SparseTensor with len(lengths) items of distinct random voxels (coords < res)."""
-    g = torch.Generator().manual_seed(seed)
-    coords = []
-    for b, n in enumerate(lengths):
-        cells = torch.randperm(res**3, generator=g)[:n].sort().values
-        xyz = torch.stack([cells // (res * res), cells // res % res, cells % res], dim=1)
-        coords.append(torch.cat([torch.full((n, 1), b), xyz], dim=1))
-    coords = torch.cat(coords).int()
-    return SparseTensor(torch.randn(coords.shape[0], channels, generator=g), coords)
+    return random_sparse(lengths, channels, res=res, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ goldens

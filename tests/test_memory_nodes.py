@@ -56,7 +56,7 @@ else:
             generation.Trellis2LoadModel.execute("tiny", "fp32", "cpu", False, "lots")
 
     def test_comfy_unloading_a_model_releases_its_kept_cuda_graphs():
-        from trellis2.trellis2_core.nn import cuda_graphs
+        from trellis2.trellis2_core.nn import kept_graphs
 
         pipe = generation.Trellis2LoadModel.execute("tiny", "fp32", "cpu", False).result[0]
         comps = pipe.components
@@ -64,10 +64,10 @@ else:
         patcher = comps.patcher("sparse_structure_flow_model")
         module = patcher.model.module
         for unload in (lambda: patcher.detach(), lambda: patcher.partially_unload(patcher.offload_device, 1)):
-            cuda_graphs._KEPT[module] = cuda_graphs._Kept((), None, {("key",): None})  # as a finished loop leaves them
-            assert cuda_graphs.kept_graphs(module) == 1
+            kept_graphs._KEPT[module] = kept_graphs.Kept((), None, {("key",): None})  # as a finished loop leaves them
+            assert kept_graphs.kept_graphs(module) == 1
             unload()  # ComfyUI moving the weights: the graphs that read them go first
-            assert cuda_graphs.kept_graphs(module) == 0
+            assert kept_graphs.kept_graphs(module) == 0
 
     def test_tight_budget_streams_dits_chunks_decoders_and_offloads_after_each_stage():
         pipe = generation.Trellis2LoadModel.execute("tiny", "fp32", "cpu", False, "0.00001").result[0]

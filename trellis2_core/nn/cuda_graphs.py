@@ -13,7 +13,7 @@ every None/bool/int/float/str argument and the identity of every other one. The 
 it creates the model's lazy state for those inputs (Triton compilation, cuDNN plans for the shapes, the
 RoPE/varlen/batch-offset entries of the coordinate cache, module-level caches), which must not be created inside a
 capture (some of it synchronises with the host; capturing a first-ever call fails on the GPU, checked with
-``bench/dit_probe.py --capture-first``). The second call captures a graph over static input buffers and replays
+``bench/host_probe.py --capture-first``). The second call captures a graph over static input buffers and replays
 it; later calls copy their inputs into those buffers and replay. Outputs are copied out of the graph's memory (the
 sampler holds the conditional velocity while computing the unconditional one).
 
@@ -25,19 +25,11 @@ Captures: ``torch.cuda.graph`` synchronises the device and empties the allocator
 GPU runs dry and the capture's host time (one forward's launches, 45-60 ms at 3-4k tokens on an H100) is all
 exposed. Captures here run on a side stream without waiting: the GPU works through what is already queued while
 the host captures (H100, 2,984-token SLat, capture of the batch-1 key behind 8 queued batch-2 replays: 20-25 ms
-exposed instead of 66 ms, ``bench/dit_probe.py --overlap``). The cache is emptied first only when under
+exposed instead of 66 ms, ``bench/host_probe.py --overlap``). The cache is emptied first only when under
 ``TIGHT_MEMORY`` of the device is free.
 
-Kept across loops (``keep=True``): the SS flow's inputs have the same shapes in every generation, so its graphs
-can serve the next loop instead of being captured again (each capture: one forward's launches on the host with the
-GPU idle, 80-170 ms per SS stage on the H100). ``close()`` then keeps the wrapper's graphs with the model (not
-with the wrapper) when every captured key names shapes and values only (sparse keys name their coordinates by
-identity, so they never match a later loop and nothing is kept); the next ``GraphedModel(model, keep=True)``
-adopts them if the model's parameters and buffers are still the same tensors (pointer, dtype, shape) as when they
-were captured, and drops them otherwise. Kept memory (the SS flow's activations, ~0.3-0.4 GB at bf16) is outside
-any model's weights: ``release_graphs(model)`` frees it, and whoever moves or drops the weights calls it (the
-engine's ``Components`` on offload/free/unload, the ComfyUI nodes' model patcher on detach and partial unload);
-the memory planner counts it (``MemoryPlan.keep_graphs``).
+Kept across loops (``keep=True``, the SS stage, whose shapes never change): ``close()`` hands the graphs to
+``kept_graphs.py`` and the next loop's wrapper adopts them while the model's weights stay put (see there).
 
 Memory: all graphs of one wrapper share one pool, freed by ``close()`` (or leaving ``with``). While the pool holds
 the batched pair's activations the first (eager) call of the single-branch key allocates its own: up to ~1.5x an
@@ -59,15 +51,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import itertools
 import logging
 import os
-import weakref
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ..sparse import SparseTensor, batch_items
+from . import kept_graphs
 from .graph_policy import (
     LEARN_RATIO,
     MIN_CALLS,
@@ -154,26 +145,19 @@ class GraphedModel:
 
     def _adopt(self) -> None:
         """Take the graphs an earlier loop kept for this model, if its weights are still the same tensors."""
-        kept = _pop_kept(self.model)  # one wrapper at a time owns them (their static inputs are shared)
+        kept = kept_graphs.take(self.model)
         if kept is None or not self.enabled:
-            return
-        if kept.weights != _weight_fingerprint(self.model):
-            logger.debug("CUDA graphs: kept graphs of %s dropped (its weights moved)", type(self.model).__name__)
             return
         self._entries.update(kept.entries)
         self._pool, self._weights, self.reused = kept.pool, kept.weights, len(kept.entries)
 
     def _keep(self) -> None:
         graphs = {k: e for k, e in self._entries.items() if isinstance(e, _Entry)}
-        if not graphs or not all(_reusable(k) for k in graphs) or not isinstance(self.model, torch.nn.Module):
-            return  # a sparse key's graph would only hold its pool's memory (and a plain callable's weights are unknown)
-        if self._weights is None:
-            return
-        if self._weights != _weight_fingerprint(self.model):
-            return
+        if not graphs or self._weights is None or not all(kept_graphs.reusable(k) for k in graphs):
+            return  # a sparse key's graph would only hold its pool's memory: free them all
         for entry in graphs.values():
             entry.keep, entry.eager_host_seconds, entry._timed = (), None, None
-        _KEPT[self.model] = _Kept(self._weights, self._pool, graphs)
+        kept_graphs.put(self.model, self._weights, self._pool, graphs)
 
     def __call__(self, x, t, cond, **kwargs):
         if not self._can_capture(x):
@@ -279,8 +263,8 @@ class GraphedModel:
             run = lambda: self.model(static[0], static[1], static[2], **kwargs)  # noqa: E731
             out = _capture_behind_queue(graph, self._pool, run, _device(args[0]))
             entry.graph, entry.out = graph, out
-            if self.keep and self._weights is None and isinstance(self.model, torch.nn.Module):
-                self._weights = _weight_fingerprint(self.model)
+            if self.keep and self._weights is None:
+                self._weights = kept_graphs.fingerprint(self.model)  # None (never kept) for a plain callable
         except Exception as e:  # capture is an optimisation: any failure -> eager, logged
             self.failed_captures += 1
             _rng_restore(rng)
@@ -302,48 +286,6 @@ class GraphedModel:
         self.captures += 1
         self._entries[key] = entry
         return entry
-
-
-class _Kept:
-    """Graphs one model's loop left for its next loop: their pool, and the weights they read (fingerprint)."""
-
-    def __init__(self, weights: tuple, pool, entries: dict[tuple, Any]):
-        self.weights, self.pool, self.entries = weights, pool, entries
-
-
-_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> _Kept (dies with the model)
-
-
-def release_graphs(model: Any) -> bool:
-    """Free the CUDA graphs kept for ``model`` (and their memory, at the allocator's next empty_cache); call it
-    before moving, replacing or dropping the model's weights. True when there were any. Any object may be passed."""
-    return _pop_kept(model) is not None
-
-
-def kept_graphs(model: Any) -> int:
-    """How many graphs are kept for ``model``'s next loop."""
-    try:
-        kept = _KEPT.get(model)
-    except TypeError:  # not weakly referable: never kept
-        return 0
-    return 0 if kept is None else len(kept.entries)
-
-
-def _pop_kept(model: Any) -> _Kept | None:
-    try:
-        return _KEPT.pop(model, None)
-    except TypeError:  # not weakly referable: never kept
-        return None
-
-
-def _weight_fingerprint(model: torch.nn.Module) -> tuple:
-    """Where the weights a graph reads live: (pointer, dtype, shape) of every parameter and buffer."""
-    return tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in itertools.chain(model.parameters(), model.buffers()))
-
-
-def _reusable(key: tuple) -> bool:
-    """A key that can match a later loop's call: only shapes and values, no object named by identity."""
-    return all(sig[0] in ("T", "V") for sig in key[1:])
 
 
 _capture_streams: dict[int, torch.cuda.Stream] = {}

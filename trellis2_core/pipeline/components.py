@@ -20,7 +20,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.decoder_chunking import chunk_decoder
-from ..nn.cuda_graphs import release_graphs
+from ..nn.kept_graphs import release_graphs
 from ..nn.streaming import stream_blocks, streamer_of, unstream
 
 if TYPE_CHECKING:
@@ -56,8 +56,8 @@ class PlanSwitches:
 
     @property
     def keep_graphs(self) -> bool:
-        """Whether the SS stage's CUDA graphs may outlive its loop for the next generation (``nn/cuda_graphs.py``,
-        "Kept across loops"): the source releases them whenever it moves or drops that model's weights."""
+        """Whether the SS stage's CUDA graphs may outlive its loop for the next generation (``nn/kept_graphs.py``):
+        the source releases them whenever it moves or drops that model's weights."""
         return self.cuda_graphs and (True if self.plan is None else self.plan.keep_graphs)
 
 
@@ -192,5 +192,5 @@ def cuda_graphs(components: ComponentSource) -> bool:
 
 def keep_graphs(components: ComponentSource) -> bool:
     """Whether a loop's graphs may be kept for the next generation: only for sources that say so (they must call
-    ``nn.cuda_graphs.release_graphs`` when they move or drop a model's weights)."""
+    ``nn.kept_graphs.release_graphs`` when they move or drop a model's weights)."""
     return bool(getattr(components, "keep_graphs", False))

@@ -373,7 +373,7 @@ def _graphs_fit(plan: MemoryPlan, sizes: Mapping[str, ModelSize], stream: bool, 
 
 def _kept_graphs_fit(plan: MemoryPlan, sizes: Mapping[str, ModelSize], usable: int) -> bool:
     """Whether every stage after the structure stage still fits with that stage's graphs kept for the next generation
-    (GRAPH_HEADROOM x its activations; nn/cuda_graphs.py "Kept across loops"), DiT stages with their own graphs."""
+    (GRAPH_HEADROOM x its activations; nn/kept_graphs.py), DiT stages with their own graphs."""
     ss = [i for i, s in enumerate(plan.stages) if s.role == SS_FLOW]
     if not ss:
         return True
