@@ -1,7 +1,9 @@
 """Submanifold 3x3x3 sparse convolution (the only conv of the SC-VAEs), with its backend chosen at call time.
 
 ``reference`` is plain torch (the CPU/MPS path and the ground truth); ``triton`` is the CUDA implicit-GEMM kernel.
-Both share the neighbour-map contract of ``reference.build_neighbours``.
+Both share the neighbour-map contract of ``reference.build_neighbours``. The Triton kernel can also run from a
+``plan.TilePlan`` of the map (rows grouped by which neighbours they have, so tiles skip the offsets none of their
+rows needs): worth its build cost where ``wants_plan`` says so (measured on an H100, see bench/decoder_probe.py).
 
 Backend order (STYLE.md item 6), resolved on every call, never at import:
   1. the ``backend=`` argument of ``submanifold_conv3d``;
@@ -18,7 +20,8 @@ import torch
 
 from .._backend import BACKENDS, BackendSwitch, BackendUnavailableError
 from . import reference
-from .reference import build_neighbours
+from .plan import TilePlan, build_tile_plan
+from .reference import build_neighbours, neighbours_from_parent
 
 ENV_VAR = "TRELLIS2_SPCONV_BACKEND"
 
@@ -43,6 +46,19 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     return "torch"
 
 
+# Planned tiles pay from here (H100, fp16, sphere-shell levels of the 1024 decoder): Ci <= 256 ran 1.3-1.9x faster
+# (the plan skips 20-30% of the work and gathers fewer rows per output); Ci 512/1024 ran 0.9-1.0x. A level whose
+# only conv is Co = 64 (the decoder's last) does not repay the plan's build (4 ms at 3.6 M voxels for 1.8 ms saved).
+PLAN_MAX_CI, PLAN_MIN_CO = 256, 128
+
+
+def wants_plan(feats: torch.Tensor, ci: int, co: int, backend: str | None = None) -> bool:
+    """Whether a conv of ``feats`` (Ci -> Co) should run the planned Triton kernel (only where Triton runs)."""
+    if ci > PLAN_MAX_CI or co < PLAN_MIN_CO or feats.shape[0] == 0:
+        return False
+    return resolve_backend(feats.device, backend) == "triton"
+
+
 def submanifold_conv3d(
     feats: torch.Tensor,
     neighbours: torch.Tensor,
@@ -50,17 +66,25 @@ def submanifold_conv3d(
     bias: torch.Tensor | None = None,
     *,
     backend: str | None = None,
+    plan: TilePlan | None = None,
     chunk_rows: int | None = None,
     max_bytes: int = reference.DEFAULT_MAX_BYTES,
 ) -> torch.Tensor:
     """Submanifold 3x3x3 convolution; see ``reference.submanifold_conv3d`` for shapes and semantics.
 
     backend: "auto" / "torch" / "triton" / None (= context, then env var, then auto).
+    plan: a ``build_tile_plan(neighbours)``; the triton backend then runs the planned kernel (same sums), the
+        torch backend ignores it.
     chunk_rows, max_bytes: only the torch backend materialises a gathered block; they bound its size (memory).
     The triton backend holds no temporary beyond the [N, Co] output.
     """
     if resolve_backend(feats.device, backend) == "triton":
-        return _triton_module(required=True).submanifold_conv3d(feats, neighbours, weight, bias)
+        tri = _triton_module(required=True)
+        if plan is not None:
+            if plan.nbr.shape[0] != neighbours.shape[0]:
+                raise ValueError(f"submanifold_conv3d: plan is for {plan.nbr.shape[0]} rows, neighbours has {neighbours.shape[0]}")
+            return tri.submanifold_conv3d_planned(feats, plan, weight, bias)
+        return tri.submanifold_conv3d(feats, neighbours, weight, bias)
     return reference.submanifold_conv3d(feats, neighbours, weight, bias, chunk_rows=chunk_rows, max_bytes=max_bytes)
 
 
@@ -68,10 +92,14 @@ __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "BackendUnavailableError",
+    "TilePlan",
     "build_neighbours",
+    "build_tile_plan",
+    "neighbours_from_parent",
     "reference",
     "requested_backend",
     "resolve_backend",
     "submanifold_conv3d",
     "use_backend",
+    "wants_plan",
 ]

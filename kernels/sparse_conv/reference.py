@@ -136,3 +136,48 @@ def submanifold_conv3d(
         res = torch.addmm(b, g, w) if b is not None else g @ w
         out[r0 : r0 + step] = res
     return out
+
+
+def _child_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[8, 27] int64 each: for child s of a parent and neighbour offset k, the parent-level offset the neighbour
+    lies in (column of the parent's map) and which child of that parent it is.
+
+    Per axis the child sits at 2P + o (o = the child's bit) and its neighbour at 2P + o + d, d in {-1, 0, 1}:
+    t = o + d in {-1, 0, 1, 2} lies in parent P + floor(t / 2) as child bit t & 1."""
+    s = torch.arange(8, device=device)
+    o = torch.stack([s & 1, (s >> 1) & 1, (s >> 2) & 1], dim=1)  # [8, 3] x = bit 0, y = bit 1, z = bit 2
+    t = o[:, None, :] + _kernel_offsets(device)[None, :, :]  # [8, 27, 3]
+    dp, bit = torch.div(t, 2, rounding_mode="floor") + 1, t & 1
+    return dp[..., 0] * 9 + dp[..., 1] * 3 + dp[..., 2], bit[..., 0] | (bit[..., 1] << 1) | (bit[..., 2] << 2)
+
+
+def neighbours_from_parent(
+    parent_neighbours: torch.Tensor, parent: torch.Tensor, child: torch.Tensor, chunk_rows: int = 1 << 18
+) -> torch.Tensor:
+    """The neighbour map of a subdivided level, derived from its parent level's map (no sort, no search).
+
+    parent_neighbours: [Np, 27] int64, ``build_neighbours`` of the parent voxels.
+    parent, child:     [Nf] int64: fine row f is child ``child[f]`` (x = bit 0, y = bit 1, z = bit 2) of parent
+                       row ``parent[f]``, i.e. its coords are 2 * parent's + the child's offset; no child twice.
+    returns            [Nf, 27] int64, equal to ``build_neighbours(fine coords)``.
+
+    A fine voxel's neighbours are children of its parent's neighbours (or of the parent itself), so each entry
+    is two table reads. Rows are processed ``chunk_rows`` at a time (temporaries [chunk, 27]).
+    """
+    n_parent, nf = parent_neighbours.shape[0], parent.shape[0]
+    device = parent_neighbours.device
+    if parent_neighbours.shape[1:] != (KERNEL_VOLUME,) or child.shape != parent.shape:
+        raise ValueError(
+            f"neighbours_from_parent: need parent map [Np, 27] and parent/child [Nf]; got "
+            f"{tuple(parent_neighbours.shape)}, {tuple(parent.shape)}, {tuple(child.shape)}"
+        )
+    slot = torch.full((n_parent * 8,), -1, dtype=torch.int64, device=device)  # (parent, child) -> fine row
+    slot[parent * 8 + child] = torch.arange(nf, device=device)
+    column, which = _child_tables(device)
+    out = torch.empty(nf, KERNEL_VOLUME, dtype=torch.int64, device=device)
+    for r0 in range(0, nf, chunk_rows):
+        p, c = parent[r0 : r0 + chunk_rows], child[r0 : r0 + chunk_rows]
+        pn = parent_neighbours[p[:, None], column[c]]  # [r, 27] parent row holding each neighbour, or -1
+        found = slot[(pn * 8 + which[c]).clamp_(min=0)]
+        out[r0 : r0 + chunk_rows] = found.masked_fill_(pn < 0, -1)
+    return out

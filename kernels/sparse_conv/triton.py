@@ -20,6 +20,9 @@ Importing this module imports triton: only the dispatcher imports it, and only w
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -108,6 +111,16 @@ def _subm_conv_kernel(
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests): CPU tensors allowed
+
+
+def _check_device(feats: torch.Tensor) -> None:
+    if feats.device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"submanifold_conv3d (triton): tensors must be on a CUDA device; got {feats.device}")
+
+
+def _on_device(feats: torch.Tensor):
+    return torch.cuda.device(feats.device) if feats.device.type == "cuda" else contextlib.nullcontext()
 
 
 def submanifold_conv3d(
@@ -127,8 +140,7 @@ def submanifold_conv3d(
     n, ci, co = check_conv_args(feats, neighbours, weight)
     if feats.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"submanifold_conv3d (triton): feats dtype must be one of {SUPPORTED_DTYPES}; got {feats.dtype}")
-    if feats.device.type != "cuda":
-        raise ValueError(f"submanifold_conv3d (triton): tensors must be on a CUDA device; got {feats.device}")
+    _check_device(feats)
     out = torch.empty(n, co, dtype=feats.dtype, device=feats.device)
     if n == 0 or co == 0:
         return out
@@ -144,9 +156,129 @@ def submanifold_conv3d(
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]))
 
-    with torch.cuda.device(feats.device):
+    with _on_device(feats):
         _subm_conv_kernel[grid](
             feats, neighbours, weight, b, out, n, ci, co,
             HAS_BIAS=has_bias, IS_FP32=is_fp32, USE_TF32=bool(is_fp32 and torch.backends.cuda.matmul.allow_tf32),
+        )  # fmt: skip
+    return out
+
+
+# ------------------------------------------------------------------------------------------- planned (tiled) kernel
+def _tiled_configs():
+    cfgs = []
+    for bn, bk, warps, stages in (
+        (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (256, 64, 8, 3), (64, 32, 4, 4),
+        (32, 32, 4, 2),
+    ):  # fmt: skip
+        cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+    return cfgs
+
+
+def _tiled_prune(configs, named_args, **kwargs):
+    ci, co = named_args["CI"], named_args["CO"]
+    kmax, nmax = max(16, triton.next_power_of_2(ci)), max(32, triton.next_power_of_2(co))
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= kmax and c.kwargs["BLOCK_N"] <= nmax]
+    return kept or configs[-1:]
+
+
+@triton.jit
+def _tap_chunk(acc, it, pid_m, pos64, pos_ok, col_ok, w_col, feats_ptr, nbr_ptr, taps_ptr, w_ptr,
+               CI: tl.constexpr, IS_FP32: tl.constexpr, USE_TF32: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """acc += gathered rows of the tile's ``it // KCH``-th needed offset, K chunk ``it % KCH``, times its weights."""
+    i = it // ((CI + BLOCK_K - 1) // BLOCK_K)
+    c0 = (it - i * ((CI + BLOCK_K - 1) // BLOCK_K)) * BLOCK_K
+    k = tl.load(taps_ptr + pid_m * 27 + i)
+    nb = tl.load(nbr_ptr + pos64 * 27 + k, mask=pos_ok, other=-1)
+    valid = nb >= 0
+    a_row = tl.where(valid, nb, 0).to(tl.int64) * CI
+    cidx = c0 + tl.arange(0, BLOCK_K)
+    c_ok = cidx < CI
+    a = tl.load(feats_ptr + a_row[:, None] + cidx[None, :], mask=valid[:, None] & c_ok[None, :], other=0.0)
+    b = tl.load(w_ptr + w_col + k * CI + cidx[:, None], mask=c_ok[:, None] & col_ok[None, :], other=0.0)
+    if IS_FP32:
+        if USE_TF32:
+            return tl.dot(a, b, acc, input_precision="tf32")
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.autotune(
+    configs=_tiled_configs(),
+    key=["CI", "CO", "IS_FP32", "BLOCK_M"],
+    prune_configs_by={"early_config_prune": _tiled_prune},
+)
+@triton.jit(do_not_specialize=["N"])
+def _subm_conv_tiled_kernel(
+    feats_ptr,  # [N, CI] contiguous, original row order
+    rows_ptr,  # [N] int32: sorted position -> original row
+    nbr_ptr,  # [N, 27] int32, sorted order, original row numbers (-1 missing)
+    taps_ptr,  # [T, 27] int32: per tile its needed offsets first
+    counts_ptr,  # [T] int32
+    w_ptr,  # [CO, 27, CI]
+    bias_ptr,
+    out_ptr,  # [N, CO], original row order
+    N,
+    CI: tl.constexpr,
+    CO: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    IS_FP32: tl.constexpr,
+    USE_TF32: tl.constexpr,
+    ALL_TAPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos_ok = pos < N
+    pos64 = pos.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < CO
+    w_col = cols.to(tl.int64)[None, :] * (27 * CI)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One flat loop over (needed offset, K chunk), so the compiler can pipeline the gathers across offsets.
+    if ALL_TAPS:  # Triton's CPU interpreter cannot loop to a loaded bound; offsets past the count are absent: zeros
+        for it in range(27 * ((CI + BLOCK_K - 1) // BLOCK_K)):
+            acc = _tap_chunk(acc, it, pid_m, pos64, pos_ok, col_ok, w_col, feats_ptr, nbr_ptr, taps_ptr, w_ptr,
+                             CI, IS_FP32, USE_TF32, BLOCK_K)  # fmt: skip
+    else:
+        for it in range(tl.load(counts_ptr + pid_m) * ((CI + BLOCK_K - 1) // BLOCK_K)):
+            acc = _tap_chunk(acc, it, pid_m, pos64, pos_ok, col_ok, w_col, feats_ptr, nbr_ptr, taps_ptr, w_ptr,
+                             CI, IS_FP32, USE_TF32, BLOCK_K)  # fmt: skip
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    rows = tl.load(rows_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
+    out_ptrs = out_ptr + rows[:, None] * CO + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pos_ok[:, None] & col_ok[None, :])
+
+
+def submanifold_conv3d_planned(feats: torch.Tensor, plan, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """``submanifold_conv3d`` driven by a ``plan.TilePlan`` of the same neighbour map (same result: each output
+    row sums the same products; only which tiles skip which offsets differs)."""
+    n, ci, co = check_conv_args(feats, plan.nbr, weight)
+    if feats.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"submanifold_conv3d (triton): feats dtype must be one of {SUPPORTED_DTYPES}; got {feats.dtype}")
+    _check_device(feats)
+    out = torch.empty(n, co, dtype=feats.dtype, device=feats.device)
+    if n == 0 or co == 0:
+        return out
+    if ci == 0:
+        return out.copy_(bias.to(out.dtype).expand(n, co)) if bias is not None else out.zero_()
+    feats, weight = feats.contiguous(), weight.contiguous()
+    has_bias = bias is not None
+    b = bias.contiguous() if has_bias else out
+    is_fp32 = feats.dtype == torch.float32
+    bm = plan.block_m
+
+    def grid(meta):
+        return (triton.cdiv(n, bm), triton.cdiv(co, meta["BLOCK_N"]))
+
+    with _on_device(feats):
+        _subm_conv_tiled_kernel[grid](
+            feats, plan.rows, plan.nbr, plan.taps, plan.counts, weight, b, out, n, ci, co,
+            HAS_BIAS=has_bias, IS_FP32=is_fp32, USE_TF32=bool(is_fp32 and torch.backends.cuda.matmul.allow_tf32),
+            ALL_TAPS=_INTERPRETED, BLOCK_M=bm,
         )  # fmt: skip
     return out

@@ -15,8 +15,9 @@ released bf16/fp16 blocks; all byte counts are per token or voxel):
   hidden and SiLU at 4C), ``3e*N*C + rows*C*(8 + 9e)`` when chunked by ``rows`` (models/decoder_chunking.py).
   An up block (C -> Co, N -> N' = 4N) peaks at ``max(e*(N*C + 8*N*Co + N'*Co), e*N*C + (3e + 8)*N'*Co)``;
   chunked, its LN + SiLU stage is ``3e*N'*Co + rows*Co*(8 + 2e)`` instead of ``(3e + 8)*N'*Co``.
-  Neighbour maps cost 216 bytes per voxel (int64 [N, 27]) of the current and the previous level, and the torch
-  conv backend gathers up to 256 MiB more.
+  Neighbour maps cost 216 bytes per voxel (int64 [N, 27]) of the current and the previous level, the Triton
+  kernel's row-tile plan 112 more at levels of 128-256 channels, and the torch conv backend gathers up to 256
+  MiB more.
 * DINOv3 and the dense sparse-structure decoder: 0.5 GiB each (small grids: 4101 tokens, 64^3 x 32 ch).
 
 Token counts per pipeline type (``DEFAULT_TOKENS``, override with ``tokens=``) are typical large objects, not
@@ -37,6 +38,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ...kernels.sparse_conv import PLAN_MAX_CI, PLAN_MIN_CO
 from ..checkpoints import read_model_config, read_safetensors_header
 from ..errors import InputError
 from .components import Components, Policy
@@ -56,6 +58,7 @@ _ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
 _SMALL_STAGE = GiB // 2
 _CONV_GATHER = 256 * 2**20
 _NBR = 216  # int64 neighbour map bytes per voxel
+_PLAN = 112  # the sparse-conv row-tile plan per voxel (int32 [N, 27] map copy + row order) where convs use it
 _POLICY_ORDER = ("keep", "offload", "free")
 # DINOv3 ViT-L/16 (facebook/dinov3-vitl16-pretrain-lvd1689m): 303 M parameters, loaded in float32. For planning
 # from manifests, which do not list it; ``sizes_from_files`` reads the real header.
@@ -153,7 +156,7 @@ def decoder_activation_bytes(tokens: int, size: ModelSize, chunk_rows: int | Non
     for i, c in enumerate(ch):
         n = tokens * 4**i
         conv = 11 * e * n * c if chunk_rows is None or chunk_rows >= n else 3 * e * n * c + chunk_rows * c * (8 + 9 * e)
-        peak = max(peak, conv + 2 * _NBR * n)
+        peak = max(peak, conv + 2 * _NBR * n + (_PLAN * n if PLAN_MIN_CO <= c <= PLAN_MAX_CI else 0))
         if i + 1 < len(ch):
             co, n2 = ch[i + 1], 4 * n
             # before conv2: h, skip, conv2's output and LN + SiLU temporaries (fp32 x2, e x2), chunked or whole

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError
+from .conv import NEIGHBOUR_CACHE_KEY, PARENT_NEIGHBOURS_KEY
 from .tensor import SparseTensor
 
 RECORD_KEY = "channel2spatial_2"  # on a coarse tensor: how to return to the fine voxels it came from
@@ -138,10 +139,15 @@ def spatial2channel(x: SparseTensor) -> SparseTensor:
 
 
 def channel2spatial(x: SparseTensor, sub: Subdivision) -> SparseTensor:
-    """Parents [Np, 8C] -> children [Nf, C] as ``sub`` lists them; child s takes channel block s."""
+    """Parents [Np, 8C] -> children [Nf, C] as ``sub`` lists them; child s takes channel block s.
+
+    If the parents' neighbour map exists, the children's cache is told how to derive theirs from it."""
     n, c8 = x.feats.shape
     if c8 % 8 != 0:
         raise InputError(f"channel2spatial: channels must be a multiple of 8; got {c8}")
+    parent_map = x.get_cache(NEIGHBOUR_CACHE_KEY)
+    if parent_map is not None and sub.cache.get(NEIGHBOUR_CACHE_KEY) is None:
+        sub.cache.setdefault(PARENT_NEIGHBOURS_KEY, (parent_map, sub.parent, sub.child))
     feats = x.feats.reshape(n * 8, c8 // 8)[sub.parent * 8 + sub.child]
     return SparseTensor(feats, sub.fine_coords, cache=sub.cache)
 
