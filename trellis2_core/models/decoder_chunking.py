@@ -18,6 +18,10 @@ overwrite h in place (h is a fresh tensor that channel2spatial made and nothing 
 h, the skip and conv2's output plus one chunk's temporaries. Its conv1 output [N, 8*Co] still feeds
 ``channel2spatial`` whole (~(1 + 2) Nf*Co*e with the fine copy: smaller than the LN stage was).
 
+On CUDA half features the LayerNorm (+ SiLU) runs as one fused kernel (``kernels/vae_norm``) that holds no fp32
+copy, and the up blocks' chunks are written back through its ``out=`` (no chunk-sized temporary at all); the
+byte counts above are those of the torch path (CPU, float32, or ``TRELLIS2_VAE_NORM_BACKEND=torch``).
+
 ``chunk_decoder(model, rows)`` switches every ConvNeXt block and up block of a decoder (or encoder) to the
 chunked forward (up blocks: their ``conv2_input``); ``rows=None`` switches back. It sets an instance method; no
 parameter, name or state_dict key changes.
@@ -29,7 +33,6 @@ import types
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..sparse import SparseTensor
 from .sparse_unet_vae import SparseConvNeXtBlock3d, SparseResBlockC2S3d, _ln32
@@ -57,7 +60,8 @@ def _chunked_conv2_input(self: SparseResBlockC2S3d, feats: torch.Tensor) -> torc
     """``SparseResBlockC2S3d.conv2_input`` in row chunks of ``self._trellis2_chunk_rows``, in place."""
     rows = getattr(self, _ROWS_ATTR)
     for r0 in range(0, feats.shape[0], rows):
-        feats[r0 : r0 + rows] = F.silu(_ln32(None, feats[r0 : r0 + rows]))
+        chunk = feats[r0 : r0 + rows]
+        _ln32(None, chunk, silu=True, out=chunk)
     return feats
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...kernels import vae_norm
 from ..errors import ConfigError, InputError
 from ..nn import ops as nn_ops
 from ..sparse import SparseTensor
@@ -29,11 +30,27 @@ from .config import ModelConfig
 _BLOCK_ARGS = {"use_checkpoint"}  # the only key the released configs carry (training-only, accepted and ignored)
 
 
-def _ln32(norm: nn.Module | None, feats: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm computed in fp32 and cast back (reference LayerNorm32); ``norm=None`` means no affine."""
-    f = feats.float()
-    out = norm(f) if norm is not None else F.layer_norm(f, f.shape[-1:], eps=eps)
-    return out.to(feats.dtype)
+def _ln32(
+    norm: nn.Module | None,
+    feats: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    silu: bool = False,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LayerNorm computed in fp32 and cast back (reference LayerNorm32), then SiLU of that if ``silu``;
+    ``norm=None`` means no affine (with ``eps``). ``out``: write the result there (may be ``feats`` itself).
+
+    A plain torch LayerNorm goes through ``kernels.vae_norm`` (one fused pass on CUDA half tensors, the same ops
+    as before elsewhere); a norm module that overrides ``forward`` (injected casting ops) applies its own weights.
+    """
+    if norm is None:
+        return vae_norm.layer_norm_32(feats, eps=eps, silu=silu, out=out)
+    if type(norm).forward is nn.LayerNorm.forward and tuple(norm.normalized_shape) == tuple(feats.shape[-1:]):
+        return vae_norm.layer_norm_32(feats, norm.weight, norm.bias, norm.eps, silu=silu, out=out)
+    h = norm(feats.float()).to(feats.dtype)
+    h = F.silu(h) if silu else h
+    return h if out is None else out.copy_(h)
 
 
 # ------------------------------------------------------------------------------------------------------ blocks
@@ -70,11 +87,11 @@ class SparseResBlockS2C3d(nn.Module):
         self.conv2 = SparseConv3d(out_channels, out_channels, device=device, dtype=dtype)
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        h = self.conv1(x.replace(F.silu(_ln32(self.norm1, x.feats))))
+        h = self.conv1(x.replace(_ln32(self.norm1, x.feats, silu=True)))
         h = spatial2channel(h)  # [Np, co]
         skip = spatial2channel(x).feats  # [Np, 8c] -> mean over consecutive groups of 8c/co channels
         skip = skip.reshape(skip.shape[0], self.out_channels, 8 * self.channels // self.out_channels).mean(dim=-1)
-        h = self.conv2(h.replace(F.silu(_ln32(None, h.feats))))
+        h = self.conv2(h.replace(_ln32(None, h.feats, silu=True)))
         return h.replace(h.feats + skip)
 
 
@@ -125,7 +142,7 @@ class SparseResBlockC2S3d(nn.Module):
 
     def forward(self, x: SparseTensor, guide: SparseTensor | None = None) -> tuple[SparseTensor, SparseTensor | None]:
         sub, logits = self.subdivide(x, guide)
-        h = self.conv1(x.replace(F.silu(_ln32(self.norm1, x.feats))))
+        h = self.conv1(x.replace(_ln32(self.norm1, x.feats, silu=True)))
         h = channel2spatial(h, sub)  # [Nf, co]
         skip = channel2spatial(x, sub).feats  # [Nf, c/8], each channel repeated co/(c/8) times consecutively
         skip = skip.repeat_interleave(self.out_channels // (self.channels // 8), dim=1)
@@ -135,7 +152,7 @@ class SparseResBlockC2S3d(nn.Module):
     def conv2_input(self, feats: torch.Tensor) -> torch.Tensor:
         """SiLU(LN(h)) before conv2 (no affine). ``feats`` is a fresh tensor channel2spatial made: the chunked
         variant (models/decoder_chunking.py) overwrites it in place."""
-        return F.silu(_ln32(None, feats))
+        return _ln32(None, feats, silu=True)
 
 
 # ------------------------------------------------------------------------------------------------------ configs
