@@ -174,6 +174,28 @@ def print_trace(ptype: str, wall: float, trace: list) -> None:
         emit(f"{stage:<18} " + " ".join(calls))
 
 
+def print_gaps(ptype: str, wall: float, prof, top: int = 12) -> None:
+    """GPU busy time of a profiled run (union of kernel intervals) and its longest idle gaps, with the kernels
+    either side: where host work (first calls, captures, read-backs) leaves the GPU waiting."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)  # fmt: skip
+    if not spans:
+        return
+    merged, gaps = [list(spans[0])], []
+    for a, b, name in spans[1:]:
+        if a > merged[-1][1]:
+            gaps.append((a - merged[-1][1], merged[-1][1] - spans[0][0], merged[-1][2], name))
+            merged.append([a, b, name])
+        elif b > merged[-1][1]:
+            merged[-1][1], merged[-1][2] = b, name
+    busy = sum(b - a for a, b, _ in merged) / 1e6
+    emit(f"\n# GPU of {ptype} (profiled run, wall {wall:.3f} s): busy {busy:.3f} s, idle between kernels "
+         f"{sum(g[0] for g in gaps) / 1e6:.3f} s in {len(gaps)} gaps ({sum(g[0] for g in gaps if g[0] > 1e3) / 1e6:.3f} s "
+         f"in gaps > 1 ms); longest:")  # fmt: skip
+    for us, at, before, after in sorted(gaps, reverse=True)[:top]:
+        emit(f"  {us / 1e3:7.1f} ms at {at / 1e3:8.1f} ms  after {before[:55]:<55} before {after[:55]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", nargs="*", default=["512", "1024_cascade", "1536_cascade"])
@@ -188,6 +210,7 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true", help="sampling loops eager (TRELLIS2_CUDA_GRAPHS=0)")
     ap.add_argument("--attention", default=None, help="SDPA backend (TRELLIS2_ATTENTION_BACKEND); default auto")
     ap.add_argument("--trace", action="store_true", help="print every sampler model call: kind, host ms, gap")
+    ap.add_argument("--gaps", action="store_true", help="profile one more run: GPU busy time and its longest idle gaps")
     ap.add_argument("--vary-tokens", action="store_true",
                     help="repeat i scales the shell radius by 1 + 0.02 (i + 1): new token counts every run, as with "
                          "new images (first-call costs per shape: cuDNN plans, kernel variants)")  # fmt: skip
@@ -241,6 +264,10 @@ def main() -> None:
                 if args.trace:
                     print_trace(ptype, info["wall"], M.CountingGraphedModel.trace)
                 runs.append((info["wall"], info, list(comps.records)))
+            if args.gaps:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    wall = run_pipeline(ptype, comps, cond)["wall"]
+                print_gaps(ptype, wall, prof)
             runs.sort(key=lambda r: r[0])
             _, info, comps.records = runs[len(runs) // 2]
             if len(runs) > 1:
