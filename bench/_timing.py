@@ -44,3 +44,15 @@ def matmul_ceiling() -> float:
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     t = cuda_time(lambda: torch.mm(a, b), reps=20, warm=5)
     return 2 * 8192**3 / t / 1e12
+
+
+def kernel_totals(prof) -> tuple[float, list[tuple[str, int, float]]]:
+    """(busy ms, [(kernel name, calls, ms)] heaviest first) of the CUDA kernels a torch.profiler run recorded."""
+    agg: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            row = agg.setdefault(e.name, [0, 0.0])
+            row[0] += 1
+            row[1] += e.device_time / 1e3
+    rows = sorted(((name, n, ms) for name, (n, ms) in agg.items()), key=lambda r: -r[2])
+    return sum(r[2] for r in rows), rows

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models as M  # noqa: E402
-from _timing import cuda_time  # noqa: E402
+from _timing import cuda_time, kernel_totals  # noqa: E402
 
 from trellis2.trellis2_core.sparse import SparseTensor  # noqa: E402
 from trellis2.trellis2_core.sparse.conv import SparseConv3d, neighbour_map  # noqa: E402
@@ -98,14 +98,9 @@ def report(label: str, run, decoder: nn.Module, top: int) -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         run()
         torch.cuda.synchronize()
-    agg = defaultdict(lambda: [0, 0.0])
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            agg[e.name][0] += 1
-            agg[e.name][1] += e.device_time / 1e3
-    busy = sum(v[1] for v in agg.values())
+    busy, rows = kernel_totals(prof)
     print(f"kernels: busy {busy:.1f} ms of {t * 1e3:.1f} (top {top})")
-    for name, (n, ms) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]:
+    for name, n, ms in rows[:top]:
         print(f"  {ms:8.3f} ms {100 * ms / busy:5.1f}% x{n:<5d} {name[:100]}")
 
 
@@ -139,9 +134,9 @@ def conv_table() -> None:
         cells, err = [], 0.0
         for bm, win in PLANS:
             plan = build_tile_plan(nbr, block_m=bm, window=win)
-            got = tri.submanifold_conv3d_planned(feats, plan, w, bias)
+            got = tri.submanifold_conv3d(feats, nbr, w, bias, plan)
             err = max(err, ((got.float() - ref.float()).norm() / ref.float().norm()).item())
-            t = cuda_time(lambda: tri.submanifold_conv3d_planned(feats, plan, w, bias), reps=5)
+            t = cuda_time(lambda: tri.submanifold_conv3d(feats, nbr, w, bias, plan), reps=5)
             cells.append(f"{t * 1e3:7.2f} ({100 * plan.work_fraction:3.0f}%)")
         t_plan = cuda_time(lambda: build_tile_plan(nbr, block_m=128, window=4096), reps=3)
         present = 100 * (nbr >= 0).float().mean().item()

@@ -28,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models as M  # noqa: E402
-from _timing import cuda_time, graph_time, matmul_ceiling  # noqa: E402
+from _timing import cuda_time, graph_time, kernel_totals, matmul_ceiling  # noqa: E402
 
 from trellis2.trellis2_core.sparse import SparseTensor  # noqa: E402
 
@@ -199,14 +199,9 @@ def kernel_table(top: int = 18) -> None:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 model(*args)
                 torch.cuda.synchronize()
-        agg = defaultdict(lambda: [0, 0.0])
-        for e in prof.events():
-            if e.device_type == torch.autograd.DeviceType.CUDA:
-                agg[e.name][0] += 1
-                agg[e.name][1] += e.device_time / 1e3
-        busy = sum(v[1] for v in agg.values())
+        busy, rows = kernel_totals(prof)
         print(f"\n## kernels of one {label} forward: busy {busy:.2f} ms (top {top})")
-        for name, (n, ms) in sorted(agg.items(), key=lambda kv: -kv[1][1])[:top]:
+        for name, n, ms in rows[:top]:
             print(f"  {ms:8.3f} ms {100 * ms / busy:5.1f}% x{n:<5d} {name[:110]}")
     del ss, sl
     torch.cuda.empty_cache()

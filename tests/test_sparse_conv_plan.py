@@ -169,7 +169,7 @@ for n, ci, co, bm, win, dt in [(230, 16, 32, 32, 64, torch.float32), (199, 24, 4
     w = (torch.randn(co, 3, 3, 3, ci, generator=g) / (27 * ci) ** 0.5).to(dt)
     b = torch.randn(co, generator=g)
     ref = R.submanifold_conv3d(f.float(), nbr, w.float(), b)
-    got = T.submanifold_conv3d_planned(f, build_tile_plan(nbr, block_m=bm, window=win), w, b)
+    got = T.submanifold_conv3d(f, nbr, w, b, build_tile_plan(nbr, block_m=bm, window=win))
     err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dt]
     if got.dtype != dt or not err <= tol:

@@ -79,12 +79,9 @@ def submanifold_conv3d(
     The triton backend holds no temporary beyond the [N, Co] output.
     """
     if resolve_backend(feats.device, backend) == "triton":
-        tri = _triton_module(required=True)
         if plan is not None:
-            if plan.nbr.shape[0] != neighbours.shape[0]:
-                raise ValueError(f"submanifold_conv3d: plan is for {plan.nbr.shape[0]} rows, neighbours has {neighbours.shape[0]}")
-            return tri.submanifold_conv3d_planned(feats, plan, weight, bias)
-        return tri.submanifold_conv3d(feats, neighbours, weight, bias)
+            plan.check(neighbours.shape[0])
+        return _triton_module(required=True).submanifold_conv3d(feats, neighbours, weight, bias, plan)
     return reference.submanifold_conv3d(feats, neighbours, weight, bias, chunk_rows=chunk_rows, max_bytes=max_bytes)
 
 

@@ -30,6 +30,11 @@ class TilePlan:
     taps: torch.Tensor
     counts: torch.Tensor
 
+    def check(self, rows: int) -> None:
+        """ValueError unless this plan is for a neighbour map of ``rows`` rows."""
+        if self.nbr.shape[0] != rows:
+            raise ValueError(f"submanifold_conv3d: plan is for {self.nbr.shape[0]} rows, neighbours has {rows}")
+
     @property
     def work_fraction(self) -> float:
         """Share of (tile, offset) pairs the kernel runs (1.0 = all 27 everywhere). Reads back to the host."""

@@ -128,6 +128,7 @@ def submanifold_conv3d(
     neighbours: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
+    plan=None,
 ) -> torch.Tensor:
     """Triton submanifold 3x3x3 convolution; same arguments and result as ``reference.submanifold_conv3d``.
 
@@ -135,32 +136,37 @@ def submanifold_conv3d(
     neighbours: [N, 27] int64 (or int32) from ``build_neighbours``, -1 = missing
     weight:     [Co, 3, 3, 3, Ci], same dtype as feats
     bias:       [Co] (any float dtype, added in fp32) or None
+    plan:       None, or a ``plan.TilePlan`` of ``neighbours``: run the planned kernel (same sums; its tiles skip
+                the offsets none of their rows has)
     returns     [N, Co] in feats.dtype, fp32 accumulation.
     """
     n, ci, co = check_conv_args(feats, neighbours, weight)
     if feats.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"submanifold_conv3d (triton): feats dtype must be one of {SUPPORTED_DTYPES}; got {feats.dtype}")
+    if plan is not None:
+        plan.check(n)
     _check_device(feats)
     out = torch.empty(n, co, dtype=feats.dtype, device=feats.device)
     if n == 0 or co == 0:
         return out
     if ci == 0:
         return out.copy_(bias.to(out.dtype).expand(n, co)) if bias is not None else out.zero_()
-    feats = feats.contiguous()
-    neighbours = neighbours.contiguous()
-    weight = weight.contiguous()
+    feats, weight = feats.contiguous(), weight.contiguous()
     has_bias = bias is not None
     b = bias.contiguous() if has_bias else out  # dummy pointer, never read
     is_fp32 = feats.dtype == torch.float32
-
-    def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]))
-
+    flags = dict(HAS_BIAS=has_bias, IS_FP32=is_fp32, USE_TF32=bool(is_fp32 and torch.backends.cuda.matmul.allow_tf32))
     with _on_device(feats):
-        _subm_conv_kernel[grid](
-            feats, neighbours, weight, b, out, n, ci, co,
-            HAS_BIAS=has_bias, IS_FP32=is_fp32, USE_TF32=bool(is_fp32 and torch.backends.cuda.matmul.allow_tf32),
-        )  # fmt: skip
+        if plan is None:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(co, meta["BLOCK_N"]))  # noqa: E731
+            _subm_conv_kernel[grid](feats, neighbours.contiguous(), weight, b, out, n, ci, co, **flags)
+        else:
+            bm = plan.block_m
+            grid = lambda meta: (triton.cdiv(n, bm), triton.cdiv(co, meta["BLOCK_N"]))  # noqa: E731
+            _subm_conv_tiled_kernel[grid](
+                feats, plan.rows, plan.nbr, plan.taps, plan.counts, weight, b, out, n, ci, co, **flags,
+                ALL_TAPS=_INTERPRETED, BLOCK_M=bm,
+            )  # fmt: skip
     return out
 
 
@@ -173,13 +179,6 @@ def _tiled_configs():
     ):  # fmt: skip
         cfgs.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
     return cfgs
-
-
-def _tiled_prune(configs, named_args, **kwargs):
-    ci, co = named_args["CI"], named_args["CO"]
-    kmax, nmax = max(16, triton.next_power_of_2(ci)), max(32, triton.next_power_of_2(co))
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= kmax and c.kwargs["BLOCK_N"] <= nmax]
-    return kept or configs[-1:]
 
 
 @triton.jit
@@ -206,7 +205,7 @@ def _tap_chunk(acc, it, pid_m, pos64, pos_ok, col_ok, w_col, feats_ptr, nbr_ptr,
 @triton.autotune(
     configs=_tiled_configs(),
     key=["CI", "CO", "IS_FP32", "BLOCK_M"],
-    prune_configs_by={"early_config_prune": _tiled_prune},
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit(do_not_specialize=["N"])
 def _subm_conv_tiled_kernel(
@@ -252,33 +251,3 @@ def _subm_conv_tiled_kernel(
     rows = tl.load(rows_ptr + pos, mask=pos_ok, other=0).to(tl.int64)
     out_ptrs = out_ptr + rows[:, None] * CO + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=pos_ok[:, None] & col_ok[None, :])
-
-
-def submanifold_conv3d_planned(feats: torch.Tensor, plan, weight: torch.Tensor, bias: torch.Tensor | None = None):
-    """``submanifold_conv3d`` driven by a ``plan.TilePlan`` of the same neighbour map (same result: each output
-    row sums the same products; only which tiles skip which offsets differs)."""
-    n, ci, co = check_conv_args(feats, plan.nbr, weight)
-    if feats.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"submanifold_conv3d (triton): feats dtype must be one of {SUPPORTED_DTYPES}; got {feats.dtype}")
-    _check_device(feats)
-    out = torch.empty(n, co, dtype=feats.dtype, device=feats.device)
-    if n == 0 or co == 0:
-        return out
-    if ci == 0:
-        return out.copy_(bias.to(out.dtype).expand(n, co)) if bias is not None else out.zero_()
-    feats, weight = feats.contiguous(), weight.contiguous()
-    has_bias = bias is not None
-    b = bias.contiguous() if has_bias else out
-    is_fp32 = feats.dtype == torch.float32
-    bm = plan.block_m
-
-    def grid(meta):
-        return (triton.cdiv(n, bm), triton.cdiv(co, meta["BLOCK_N"]))
-
-    with _on_device(feats):
-        _subm_conv_tiled_kernel[grid](
-            feats, plan.rows, plan.nbr, plan.taps, plan.counts, weight, b, out, n, ci, co,
-            HAS_BIAS=has_bias, IS_FP32=is_fp32, USE_TF32=bool(is_fp32 and torch.backends.cuda.matmul.allow_tf32),
-            ALL_TAPS=_INTERPRETED, BLOCK_M=bm,
-        )  # fmt: skip
-    return out
