@@ -42,7 +42,9 @@ def test_neighbours_from_parent_equal_a_fresh_build(seed):
     sub = subdivision_from_mask(x, mask)
     for chunk in (1 << 18, 97, 1):
         got = neighbours_from_parent(build_neighbours(coords), sub.parent, sub.child, chunk_rows=chunk)
-        assert torch.equal(got, build_neighbours(sub.fine_coords)), f"chunk {chunk}"
+        assert got.dtype == torch.int32 and torch.equal(got, build_neighbours(sub.fine_coords)), f"chunk {chunk}"
+    wide = neighbours_from_parent(build_neighbours(coords).long(), sub.parent, sub.child)  # an int64 map works too
+    assert torch.equal(wide, got)
 
 
 def test_neighbours_from_parent_in_an_encoders_row_order():
@@ -102,7 +104,7 @@ def test_tile_plan_is_a_permutation_covering_every_needed_offset(block_m, window
     plan = build_tile_plan(nbr, block_m=block_m, window=window)
     n = len(coords)
     assert torch.equal(torch.sort(plan.rows.long()).values, torch.arange(n))
-    assert torch.equal(plan.nbr.long(), nbr[plan.rows.long()])
+    assert plan.nbr.dtype == torch.int32 and torch.equal(plan.nbr, nbr[plan.rows.long()])
     tiles = -(-n // block_m)
     assert plan.taps.shape == (tiles, 27) and plan.counts.shape == (tiles,)
     assert (torch.sort(plan.taps.long(), 1).values == torch.arange(27)).all()  # every offset once per tile

@@ -8,7 +8,7 @@ where ``nbr(n; dx, dy, dz)`` is the row whose coords are ``(b_n, x_n+dx, y_n+dy,
 neighbour contributes zero. Kernel axis 0 <-> x (coords column 1), axis 1 <-> y, axis 2 <-> z. This equals a
 dense ``F.conv3d(grid, W.permute(0, 4, 1, 2, 3), padding=1)`` evaluated at the active voxels.
 
-The neighbour map is a plain ``[N, 27]`` int64 table, column ``k = i*9 + j*3 + kz`` (the row-major flattening
+The neighbour map is a plain ``[N, 27]`` int32 table (row numbers; 108 bytes per voxel), column ``k = i*9 + j*3 + kz`` (the row-major flattening
 of the kernel's ``[3, 3, 3]`` axes, so ``W.reshape(Co, 27, Ci)[:, k]`` is the matching weight slice), ``-1`` =
 missing. It depends only on the coordinates, so callers build it once per spatial level and reuse it.
 """
@@ -36,7 +36,7 @@ def build_neighbours(coords: torch.Tensor) -> torch.Tensor:
 
     coords: [N, 4] int32 (batch, x, y, z), non-negative, no duplicate rows (a duplicated voxel resolves to one
             of its copies). Any row order.
-    returns [N, 27] int64: ``nbr[n, i*9 + j*3 + k]`` = row of voxel ``(b, x+i-1, y+j-1, z+k-1)`` or -1.
+    returns [N, 27] int32: ``nbr[n, i*9 + j*3 + k]`` = row of voxel ``(b, x+i-1, y+j-1, z+k-1)`` or -1.
 
     Each voxel becomes one flat int64 key ``((b*X + x)*Y + y)*Z + z`` over a grid padded by one voxel on each
     side, so a neighbour's key is the voxel's key plus a constant per offset and never wraps into another row
@@ -47,7 +47,7 @@ def build_neighbours(coords: torch.Tensor) -> torch.Tensor:
     n = coords.shape[0]
     device = coords.device
     if n == 0:
-        return torch.empty(0, KERNEL_VOLUME, dtype=torch.int64, device=device)
+        return torch.empty(0, KERNEL_VOLUME, dtype=torch.int32, device=device)
     c = coords.long()
     lo, hi = torch.stack([c.amin(0), c.amax(0)]).tolist()  # one host sync per level, not per voxel
     if min(lo) < 0:
@@ -61,7 +61,9 @@ def build_neighbours(coords: torch.Tensor) -> torch.Tensor:
     off = _kernel_offsets(device)
     deltas = (off[:, 0] * sx + off[:, 1] * sy + off[:, 2]).tolist()
 
-    nbr = torch.empty(n, KERNEL_VOLUME, dtype=torch.int64, device=device)
+    if n >= 2**31:
+        raise ValueError(f"build_neighbours: {n} voxels do not fit the int32 neighbour map (at most 2^31 - 1)")
+    nbr = torch.empty(n, KERNEL_VOLUME, dtype=torch.int32, device=device)
     # Loop over the 27 kernel offsets (not voxels) so the temporaries stay at [N] instead of [N, 27].
     for k, d in enumerate(deltas):
         query = keys + d
@@ -106,7 +108,7 @@ def submanifold_conv3d(
     """Submanifold 3x3x3 convolution on the rows of ``feats`` given their neighbour map.
 
     feats:      [N, Ci] float (fp32 / fp16 / bf16)
-    neighbours: [N, 27] int64 from ``build_neighbours`` (-1 = missing)
+    neighbours: [N, 27] int32 (or int64) from ``build_neighbours`` (-1 = missing)
     weight:     [Co, 3, 3, 3, Ci], same dtype as feats (the official state_dict layout)
     bias:       [Co] or None
     chunk_rows: rows per chunk; None picks it so the gathered block ``[chunk, 27, Ci]`` fits ``max_bytes``.
@@ -156,10 +158,10 @@ def neighbours_from_parent(
 ) -> torch.Tensor:
     """The neighbour map of a subdivided level, derived from its parent level's map (no sort, no search).
 
-    parent_neighbours: [Np, 27] int64, ``build_neighbours`` of the parent voxels.
+    parent_neighbours: [Np, 27] int32 (or int64), ``build_neighbours`` of the parent voxels.
     parent, child:     [Nf] int64: fine row f is child ``child[f]`` (x = bit 0, y = bit 1, z = bit 2) of parent
                        row ``parent[f]``, i.e. its coords are 2 * parent's + the child's offset; no child twice.
-    returns            [Nf, 27] int64, equal to ``build_neighbours(fine coords)``.
+    returns            [Nf, 27] int32, equal to ``build_neighbours(fine coords)``.
 
     A fine voxel's neighbours are children of its parent's neighbours (or of the parent itself), so each entry
     is two table reads. Rows are processed ``chunk_rows`` at a time (temporaries [chunk, 27]).
@@ -171,13 +173,15 @@ def neighbours_from_parent(
             f"neighbours_from_parent: need parent map [Np, 27] and parent/child [Nf]; got "
             f"{tuple(parent_neighbours.shape)}, {tuple(parent.shape)}, {tuple(child.shape)}"
         )
-    slot = torch.full((n_parent * 8,), -1, dtype=torch.int64, device=device)  # (parent, child) -> fine row
-    slot[parent * 8 + child] = torch.arange(nf, device=device)
+    if nf >= 2**31:
+        raise ValueError(f"neighbours_from_parent: {nf} voxels do not fit the int32 neighbour map (at most 2^31 - 1)")
+    slot = torch.full((n_parent * 8,), -1, dtype=torch.int32, device=device)  # (parent, child) -> fine row
+    slot[parent * 8 + child] = torch.arange(nf, dtype=torch.int32, device=device)
     column, which = _child_tables(device)
-    out = torch.empty(nf, KERNEL_VOLUME, dtype=torch.int64, device=device)
+    out = torch.empty(nf, KERNEL_VOLUME, dtype=torch.int32, device=device)
     for r0 in range(0, nf, chunk_rows):
         p, c = parent[r0 : r0 + chunk_rows], child[r0 : r0 + chunk_rows]
-        pn = parent_neighbours[p[:, None], column[c]]  # [r, 27] parent row holding each neighbour, or -1
+        pn = parent_neighbours[p[:, None], column[c]].long()  # [r, 27] parent row holding each neighbour, or -1
         found = slot[(pn * 8 + which[c]).clamp_(min=0)]
         out[r0 : r0 + chunk_rows] = found.masked_fill_(pn < 0, -1)
     return out

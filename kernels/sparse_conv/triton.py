@@ -62,7 +62,7 @@ def _prune(configs, named_args, **kwargs):
 @triton.jit(do_not_specialize=["N"])  # N varies per level; CI/CO divisibility does matter
 def _subm_conv_kernel(
     feats_ptr,  # [N, CI] contiguous
-    nbr_ptr,  # [N, 27] int32/int64 contiguous
+    nbr_ptr,  # [N, 27] int32 (or int64) contiguous
     w_ptr,  # [CO, 27, CI] contiguous (official layout viewed flat)
     bias_ptr,  # [CO] or dummy
     out_ptr,  # [N, CO] contiguous
@@ -133,7 +133,7 @@ def submanifold_conv3d(
     """Triton submanifold 3x3x3 convolution; same arguments and result as ``reference.submanifold_conv3d``.
 
     feats:      [N, Ci] fp32 / fp16 / bf16 on CUDA
-    neighbours: [N, 27] int64 (or int32) from ``build_neighbours``, -1 = missing
+    neighbours: [N, 27] int32 (or int64) from ``build_neighbours``, -1 = missing
     weight:     [Co, 3, 3, 3, Ci], same dtype as feats
     bias:       [Co] (any float dtype, added in fp32) or None
     plan:       None, or a ``plan.TilePlan`` of ``neighbours``: run the planned kernel (same sums; its tiles skip

@@ -15,7 +15,7 @@ released bf16/fp16 blocks; all byte counts are per token or voxel):
   hidden and SiLU at 4C), ``3e*N*C + rows*C*(8 + 9e)`` when chunked by ``rows`` (models/decoder_chunking.py).
   An up block (C -> Co, N -> N' = 4N) peaks at ``max(e*(N*C + 8*N*Co + N'*Co), e*N*C + (3e + 8)*N'*Co)``;
   chunked, its LN + SiLU stage is ``3e*N'*Co + rows*Co*(8 + 2e)`` instead of ``(3e + 8)*N'*Co``.
-  Neighbour maps cost 216 bytes per voxel (int64 [N, 27]) of the current and the previous level, the Triton
+  Neighbour maps cost 108 bytes per voxel (int32 [N, 27]) of the current and the previous level, the Triton
   kernel's row-tile plan 112 more at levels of 128-256 channels, and the torch conv backend gathers up to 256
   MiB more.
 * DINOv3 and the dense sparse-structure decoder: 0.5 GiB each (small grids: 4101 tokens, 64^3 x 32 ch).
@@ -57,7 +57,7 @@ _ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
          "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
 _SMALL_STAGE = GiB // 2
 _CONV_GATHER = 256 * 2**20
-_NBR = 216  # int64 neighbour map bytes per voxel
+_NBR = 108  # int32 neighbour map bytes per voxel
 _PLAN = 112  # the sparse-conv row-tile plan per voxel (int32 [N, 27] map copy + row order) where convs use it
 _POLICY_ORDER = ("keep", "offload", "free")
 # DINOv3 ViT-L/16 (facebook/dinov3-vitl16-pretrain-lvd1689m): 303 M parameters, loaded in float32. For planning

@@ -26,7 +26,7 @@ TILE_PLAN_KEY = "submconv3d_tile_plan"
 
 
 def neighbour_map(x: SparseTensor) -> torch.Tensor:
-    """The [N, 27] int64 neighbour map of ``x``'s coordinates (built once, then read from x's cache)."""
+    """The [N, 27] int32 neighbour map of ``x``'s coordinates (built once, then read from x's cache)."""
     nbr = x.get_cache(NEIGHBOUR_CACHE_KEY)
     if nbr is None:
         link = x.get_cache(PARENT_NEIGHBOURS_KEY)
