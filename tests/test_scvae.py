@@ -139,3 +139,20 @@ def test_config_errors_name_the_field():
     for change, match in bad:
         with pytest.raises(ConfigError, match=match):
             from_config({"name": "SparseUnetVaeEncoder", "args": {**args, **change}})
+
+
+def test_decoders_search_neighbours_once_and_derive_the_rest(dec_golden, monkeypatch):
+    """Only the latent level's neighbour map is searched; every subdivided level derives its map from its parent's
+    (``neighbours_from_parent``), and the decoded voxels and features stay the golden ones."""
+    from trellis2.trellis2_core.sparse import conv as sconv
+
+    g, shape, tex, latent, raw, subs = dec_golden
+    searched = []
+    build = sconv._reference.build_neighbours
+    monkeypatch.setattr(sconv._reference, "build_neighbours", lambda c: searched.append(len(c)) or build(c))
+    fresh = SparseTensor(latent.feats.clone(), latent.coords.clone())  # no cached maps
+    with torch.no_grad():
+        again, again_subs = shape(fresh, return_subs=True)
+        tex(SparseTensor(latent.feats.clone(), latent.coords.clone()), guide_subs=again_subs)
+    assert searched == [len(latent), len(latent)]  # one search per decoder: its latent level
+    assert torch.equal(again.coords, raw.coords) and torch.equal(again.feats, raw.feats)
