@@ -227,6 +227,7 @@ class CountingGraphedModel(GraphedModel):
     trace: list | None = None  # set to a list: one (stage, kind, rows, host ms of the call, host ms since the last)
     stage = ""
     _last = 0.0
+    _calls = 0  # sampler calls so far in the current stage
 
     _flops: dict[tuple, float] = {}  # (model id, key) -> FLOPs of one call; class-wide: kept graphs outlive a loop
 
@@ -234,11 +235,13 @@ class CountingGraphedModel(GraphedModel):
         c = self.counter
         f0, r0, k0 = (c.flops if c else 0.0), self.replays, self.captures
         t0 = time.perf_counter()
-        out = super().__call__(x, t, cond, **kwargs)
+        rows = x.feats.shape[0] if isinstance(x, SparseTensor) else x.shape[0]
+        CountingGraphedModel._calls += 1
+        with torch.profiler.record_function(f"call {CountingGraphedModel._calls} ({rows} rows)"):  # for --gaps
+            out = super().__call__(x, t, cond, **kwargs)
         if self.trace is not None:
             t1 = time.perf_counter()
             kind = "capture" if self.captures > k0 else "replay" if self.replays > r0 else "eager"
-            rows = x.feats.shape[0] if isinstance(x, SparseTensor) else x.shape[0]
             gap = 1e3 * (t0 - CountingGraphedModel._last) if CountingGraphedModel._last else 0.0
             self.trace.append((self.stage, kind, rows, 1e3 * (t1 - t0), gap))
             CountingGraphedModel._last = t1
@@ -268,7 +271,7 @@ class TimedComponents(Components):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        CountingGraphedModel.stage, CountingGraphedModel._last = role, 0.0
+        CountingGraphedModel.stage, CountingGraphedModel._last, CountingGraphedModel._calls = role, 0.0, 0
         with super().use(role) as model:
             if id(model) not in self._hooked:
                 self.counter.attach(model)
@@ -276,7 +279,8 @@ class TimedComponents(Components):
             torch.cuda.synchronize()
             t1 = time.perf_counter()
             f0 = self.counter.flops
-            yield model
+            with torch.profiler.record_function(f"stage {role}"):  # names the stage in a profile (--gaps)
+                yield model
             torch.cuda.synchronize()
             t2 = time.perf_counter()
             peak = torch.cuda.max_memory_allocated()

@@ -175,25 +175,34 @@ def print_trace(ptype: str, wall: float, trace: list) -> None:
 
 
 def print_gaps(ptype: str, wall: float, prof, top: int = 12) -> None:
-    """GPU busy time of a profiled run (union of kernel intervals) and its longest idle gaps, with the kernels
-    either side: where host work (first calls, captures, read-backs) leaves the GPU waiting."""
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)  # fmt: skip
+    """GPU busy time of a profiled run (union of kernel intervals) and its longest idle gaps, each with the stage
+    and sampler call the host was in when the GPU ran dry (the bench's ``stage``/``call`` profiler ranges) and the
+    kernels either side: where host work (first calls, captures, read-backs) leaves the GPU waiting."""
+    spans, ranges = [], []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            spans.append((e.time_range.start, e.time_range.end, e.name))
+        elif e.name.startswith(("stage ", "call ")):
+            ranges.append((e.time_range.start, e.time_range.end, e.name))
     if not spans:
         return
+    spans.sort()
     merged, gaps = [list(spans[0])], []
     for a, b, name in spans[1:]:
         if a > merged[-1][1]:
-            gaps.append((a - merged[-1][1], merged[-1][1] - spans[0][0], merged[-1][2], name))
+            gaps.append((a - merged[-1][1], merged[-1][1], merged[-1][2], name))
             merged.append([a, b, name])
         elif b > merged[-1][1]:
             merged[-1][1], merged[-1][2] = b, name
     busy = sum(b - a for a, b, _ in merged) / 1e6
+    t0 = spans[0][0]
     emit(f"\n# GPU of {ptype} (profiled run, wall {wall:.3f} s): busy {busy:.3f} s, idle between kernels "
          f"{sum(g[0] for g in gaps) / 1e6:.3f} s in {len(gaps)} gaps ({sum(g[0] for g in gaps if g[0] > 1e3) / 1e6:.3f} s "
          f"in gaps > 1 ms); longest:")  # fmt: skip
     for us, at, before, after in sorted(gaps, reverse=True)[:top]:
-        emit(f"  {us / 1e3:7.1f} ms at {at / 1e3:8.1f} ms  after {before[:55]:<55} before {after[:55]}")
+        where = " > ".join(n for a, b, n in sorted(ranges) if a <= at <= b) or "-"
+        emit(f"  {us / 1e3:7.1f} ms at {(at - t0) / 1e3:8.1f} ms  in {where}\n"
+             f"             after {before[:60]}  before {after[:60]}")  # fmt: skip
 
 
 def main() -> None:
