@@ -6,8 +6,9 @@
 Full-size random decoders from the manifests; the shape decoder subdivides onto the bench's sphere shell (as in
 bench_pipeline.py), the texture decoder follows its subdivisions. Times are CUDA-event times of one decode after a
 warm-up (which autotunes the kernels); per-module times come from events recorded by forward hooks (they add a
-few microseconds per module). ``tap%`` is the share of (row tile, neighbour offset) pairs the conv kernel has to
-run at 128-row tiles (the rest it skips), ``nbr%`` the share of neighbours present (the useful work).
+few microseconds per module). ``tap%`` is the share of (128-row tile, neighbour offset) pairs that some row of the
+tile needs in the decoder's own row order (what the plain kernel runs; the planned kernel's share is in the
+``--convs`` table), ``nbr%`` the share of neighbours present (the useful work). TF/s counts all 27 offsets.
 """
 
 from __future__ import annotations
