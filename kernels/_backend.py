@@ -70,6 +70,17 @@ class BackendSwitch:
                 ) from exc
             return None
 
+    def triton_wanted(self, x, name: str, dtypes: tuple) -> bool:
+        """For a call on tensor ``x`` under the resolved backend ``name``: whether to try Triton. "torch": no;
+        "auto": only for CUDA tensors of ``dtypes``; "triton": yes, after raising ``needs_cuda`` off CUDA."""
+        if name == "torch":
+            return False
+        if name == "auto":
+            return x.device.type == "cuda" and x.dtype in dtypes
+        if x.device.type != "cuda":
+            raise self.needs_cuda(x.device)
+        return True
+
     def needs_cuda(self, device) -> BackendUnavailableError:
         return BackendUnavailableError(
             f"{self.what} backend 'triton' needs CUDA tensors; got tensors on '{device}'. Move them to a CUDA "

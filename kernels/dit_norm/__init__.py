@@ -34,12 +34,8 @@ _triton_module = _switch.triton_module
 def _pick(x: torch.Tensor, backend: str | None, supported: str, *args, **kwargs):
     """The triton module if this call should run there, else None (reference)."""
     name = requested_backend(backend)
-    if name == "torch":
+    if not _switch.triton_wanted(x, name, _HALF):
         return None
-    if name == "auto" and (x.device.type != "cuda" or x.dtype not in _HALF):
-        return None
-    if name == "triton" and x.device.type != "cuda":
-        raise _switch.needs_cuda(x.device)
     mod = _triton_module(required=name == "triton")
     if mod is None:
         return None

@@ -8,9 +8,10 @@ where ``nbr(n; dx, dy, dz)`` is the row whose coords are ``(b_n, x_n+dx, y_n+dy,
 neighbour contributes zero. Kernel axis 0 <-> x (coords column 1), axis 1 <-> y, axis 2 <-> z. This equals a
 dense ``F.conv3d(grid, W.permute(0, 4, 1, 2, 3), padding=1)`` evaluated at the active voxels.
 
-The neighbour map is a plain ``[N, 27]`` int32 table (row numbers; 108 bytes per voxel), column ``k = i*9 + j*3 + kz`` (the row-major flattening
-of the kernel's ``[3, 3, 3]`` axes, so ``W.reshape(Co, 27, Ci)[:, k]`` is the matching weight slice), ``-1`` =
-missing. It depends only on the coordinates, so callers build it once per spatial level and reuse it.
+The neighbour map is a plain ``[N, 27]`` int32 table (row numbers; 108 bytes per voxel), column
+``k = i*9 + j*3 + kz`` (the row-major flattening of the kernel's ``[3, 3, 3]`` axes, so
+``W.reshape(Co, 27, Ci)[:, k]`` is the matching weight slice), ``-1`` = missing. It depends only on the
+coordinates, so callers build it once per spatial level and reuse it.
 """
 
 from __future__ import annotations

@@ -35,12 +35,8 @@ _triton_module = _switch.triton_module
 def _pick(x: torch.Tensor, backend: str | None, weight, bias, out):
     """The triton module if this call should run there, else None (reference)."""
     name = requested_backend(backend)
-    if name == "torch":
+    if not _switch.triton_wanted(x, name, _HALF):
         return None
-    if name == "auto" and (x.device.type != "cuda" or x.dtype not in _HALF):
-        return None
-    if name == "triton" and x.device.type != "cuda":
-        raise _switch.needs_cuda(x.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         if name == "triton":  # the kernel has no backward: autograd would silently lose these gradients
             raise BackendUnavailableError(
@@ -82,4 +78,12 @@ def layer_norm_32(
     return impl.layer_norm_32(x, weight, bias, eps, silu, out)
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "BackendUnavailableError", "layer_norm_32", "reference", "requested_backend", "use_backend"]
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendUnavailableError",
+    "layer_norm_32",
+    "reference",
+    "requested_backend",
+    "use_backend",
+]

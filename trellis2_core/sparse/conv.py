@@ -5,8 +5,8 @@ channels) and ``bias [Co]``. The neighbour map of a level is cached on the Spars
 ``NEIGHBOUR_CACHE_KEY``; every SparseTensor that shares those coordinates (``replace`` keeps the cache) reuses
 it, so each level builds it once however many convolutions run there. A level made by subdividing one whose map
 exists (``channel2spatial`` leaves ``PARENT_NEIGHBOURS_KEY``) derives its map from the parent's instead of
-searching (``neighbours_from_parent``: the same map, ~5x cheaper at millions of voxels). Where the Triton kernel
-runs a row-tile plan (``kernels.sparse_conv.wants_plan``), the plan is cached beside the map.
+searching (``neighbours_from_parent``: the same map; H100, 3.65 M voxels: 6.7 ms instead of ~15). Where the
+Triton kernel runs a row-tile plan (``kernels.sparse_conv.wants_plan``), the plan is cached beside the map.
 """
 
 from __future__ import annotations
