@@ -39,6 +39,7 @@ from ..trellis2_core.checkpoints import load_model
 from ..trellis2_core.conditioning import DinoV3Conditioner
 from ..trellis2_core.errors import CheckpointError, InputError
 from ..trellis2_core.models.decoder_chunking import chunk_decoder
+from ..trellis2_core.nn.fp8 import check_fp8_device
 from ..trellis2_core.nn.kept_graphs import release_graphs
 from ..trellis2_core.nn.streaming import stream_blocks, streamer_of, unstream
 from ..trellis2_core.pipeline import Trellis2Pipeline, default_dtype
@@ -149,7 +150,7 @@ class ComfyComponents(PlanSwitches):
 
     def __init__(self, files: PipelineFiles, *, load_device: torch.device, offload_device: torch.device,
                  dtype: torch.dtype | None, dino_dtype: torch.dtype, plan: MemoryPlan | None = None,
-                 texturing: Callable[[], PipelineFiles] | None = None):  # fmt: skip
+                 texturing: Callable[[], PipelineFiles] | None = None, fp8: bool = False):  # fmt: skip
         self.files = files
         self._texturing = texturing  # resolves texturing_pipeline.json (see require_texturing)
         self._extra_models: dict[str, ModelFiles] = {}
@@ -158,6 +159,7 @@ class ComfyComponents(PlanSwitches):
         self.offload_device = torch.device(offload_device)
         self.dtype = dtype
         self.dino_dtype = dino_dtype
+        self.fp8 = fp8  # the DiTs' block Linear weights stored e4m3 (trellis2_core/nn/fp8.py)
         self._patchers: dict[str, comfy.model_patcher.ModelPatcher] = {}
 
     def has(self, role: str) -> bool:
@@ -208,7 +210,7 @@ class ComfyComponents(PlanSwitches):
                 "choose a pipeline type whose models the folder contains, or complete the folder"
             )
         log.info("reading %s from %s", role, models[role].weights_path)
-        return load_model(models[role], device=self.offload_device, dtype=self.dtype)
+        return load_model(models[role], device=self.offload_device, dtype=self.dtype, fp8=self.fp8)
 
     def _activation_bytes(self, role: str) -> int:
         if self.plan is None:
@@ -264,13 +266,15 @@ class ComfyComponents(PlanSwitches):
 
 
 def load_pipeline(choice: str, precision: str = "auto", device_policy: str = "auto", allow_download: bool = False,
-                  vram_budget: str | float | None = "auto") -> Trellis2Pipeline:  # fmt: skip
+                  vram_budget: str | float | None = "auto", fp8: bool = False) -> Trellis2Pipeline:  # fmt: skip
     """The TRELLIS2_MODEL handle: files resolved now (errors name every missing file), networks read on first use.
 
     choice: a folder name from ``pipeline_choices()`` or DOWNLOAD_CHOICE (official weights into models/trellis2/hf_cache).
     allow_download: for a local folder, fetch parts it lacks (the structure decoder, DINOv3) from Hugging Face.
     vram_budget: "auto" (the card's memory; nothing on the CPU), "none", or GiB (a number applies on any device).
     The plan is made for the pipeline's default type (1024_cascade for the official one), the largest it runs.
+    fp8: store the flow transformers' block weights as float8 e4m3 (half their memory; FP8 GEMMs on RTX 40xx /
+    Ada / Hopper GPUs, emulated elsewhere; ``trellis2_core/nn/fp8.py``).
     """
     budget = parse_vram_budget(vram_budget)  # bad values fail before any file is resolved
     register_model_folder()
@@ -286,12 +290,15 @@ def load_pipeline(choice: str, precision: str = "auto", device_policy: str = "au
 
     load_device, offload_device = resolve_devices(device_policy)
     dtype, dino_dtype = resolve_precision(precision, load_device)
+    if fp8:
+        check_fp8_device(load_device)
     plan = None
     if budget is not None:
-        plan = plan_memory(files, load_device, budget, pipeline_type=files.default_pipeline_type or "1024_cascade", dtype=dtype)
+        plan = plan_memory(files, load_device, budget, pipeline_type=files.default_pipeline_type or "1024_cascade", dtype=dtype,
+                           fp8=fp8)  # fmt: skip
         plan = plan if plan.budget_bytes is not None else None
     components = ComfyComponents(files, load_device=load_device, offload_device=offload_device, dtype=dtype,
-                                 dino_dtype=dino_dtype, plan=plan, texturing=texturing)  # fmt: skip
+                                 dino_dtype=dino_dtype, plan=plan, texturing=texturing, fp8=fp8)  # fmt: skip
     return Trellis2Pipeline(files, components)
 
 

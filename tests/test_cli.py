@@ -81,3 +81,23 @@ def test_tiny_snapshot_command(tmp_path, capsys):
     assert main(["tiny-snapshot", str(tmp_path / "snap")]) == 0
     assert (tmp_path / "snap" / "pipeline.json").is_file()
     assert main(["tiny-snapshot", str(tmp_path / "snap")]) == 2  # refuses to write into a non-empty folder
+
+
+def test_fp8_flag_reaches_the_pipeline(snapshot, image_path, tmp_path, monkeypatch):
+    from trellis2.trellis2_core.pipeline import Trellis2Pipeline
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def from_pretrained(*args, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(Trellis2Pipeline, "from_pretrained", staticmethod(from_pretrained))
+    base = ["generate", str(image_path), "-o", str(tmp_path / "x.glb"), "--weights", str(snapshot), "--offline", "-q"]
+    for extra, want in (([], False), (["--fp8"], True)):
+        with pytest.raises(Stop):
+            main(base + extra)
+        assert seen[-1]["fp8"] is want

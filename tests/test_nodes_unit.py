@@ -154,6 +154,21 @@ else:
             with comps.use("nope"):
                 pass
 
+    def test_fp8_option_stores_the_flow_blocks_in_float8_through_model_management(models_root):
+        from trellis2.trellis2_core.nn.fp8 import is_quantized
+
+        names = [i.id for i in generation.Trellis2LoadModel.GET_SCHEMA().inputs]
+        assert names[-1] == "fp8"  # appended: saved workflows keep their widget order
+        pipe = generation.Trellis2LoadModel.execute("tiny", "fp32", "cpu", False, "auto", True).result[0]
+        with pipe.components.use("shape_slat_flow_model_512") as flow:
+            assert is_quantized(flow)
+            assert flow.blocks[0].mlp.mlp[0].weight.dtype == torch.float8_e4m3fn
+        with pipe.components.use("shape_slat_decoder") as dec:
+            assert not is_quantized(dec)
+        plain = generation.Trellis2LoadModel.execute("tiny", "fp32", "cpu", False).result[0]
+        with plain.components.use("shape_slat_flow_model_512") as flow:
+            assert not is_quantized(flow)
+
     # --------------------------------------------------------------------------------------------- generation
     def test_conditioning_errors_for_batches_and_empty_masks(model):
         image, mask = _rgba_image()

@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, ConfigError
 from .models import parse_config
+from .nn.fp8 import quantize_blocks
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     ops: Any = None,
+    fp8: bool = False,
 ) -> torch.nn.Module:
     """Build the model a checkpoint's config describes and load its weights strictly.
 
@@ -249,6 +251,8 @@ def load_model(
             fp16 VAEs; pass torch.float32 for CPU). Parameters the model keeps in fp32 stay fp32; every file
             tensor is cast to its parameter's dtype, so files of any float precision load.
     ops:    Linear/Conv3d/LayerNorm namespace (ComfyUI casting ops); None = torch.nn.
+    fp8:    store a DiT's transformer-block Linear weights as float8 e4m3 after loading (``nn/fp8.py``: half the
+            memory, FP8 GEMMs on GPUs that have them); other models are unaffected.
     Returns the module in eval mode with ``requires_grad`` off.
     """
     config, config_source, weights_path = _split_source(source)
@@ -285,6 +289,8 @@ def load_model(
             "non-persistent buffers must be created lazily on the input's device"
         )
     module.eval().requires_grad_(False)
+    if fp8 and quantize_blocks(module):
+        model_name += " (fp8 blocks)"
     log.info("loaded %s (%s) from %s in %.2fs", model_name, config_source, weights_path, time.perf_counter() - start)
     return module
 

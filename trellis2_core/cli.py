@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--normal-map", action="store_true",
                    help="also bake a tangent-space normal map of the full-resolution surface (exported with tangents)")
     g.add_argument("--webp", action="store_true", help="store textures as WebP (EXT_texture_webp) instead of PNG")
+    g.add_argument("--fp8", action="store_true",
+                   help="store the flow transformers' block weights as float8 e4m3: half their memory, faster on GPUs "
+                        "with FP8 units (RTX 40xx, Ada, Hopper); results differ slightly from the released bf16")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="run the sampling loops eagerly instead of replaying CUDA graphs (CUDA only; for debugging)")
     g.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
@@ -116,7 +119,7 @@ def _generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     pipe = Trellis2Pipeline.from_pretrained(
         args.weights or DEFAULT_REPO, device=args.device, policy=args.policy, vram_budget=args.vram_budget,
-        pipeline_type=args.pipeline, allow_download=not args.offline, progress=not args.quiet,
+        pipeline_type=args.pipeline, allow_download=not args.offline, progress=not args.quiet, fp8=args.fp8,
     )  # fmt: skip
     if mask is not None:
         from .image import preprocess_image

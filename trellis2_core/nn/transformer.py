@@ -26,7 +26,9 @@ import logging
 import os
 
 from ...kernels import dit_norm
+from ...kernels import fp8 as fp8_kernels
 from .attention import CrossAttention, SelfAttention, VarLen, per_token
+from .fp8 import Fp8Linear
 from .modulation import block_parameter, split_modulation
 from .norm import layer_norm_32
 from .ops import resolve
@@ -53,10 +55,16 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, *, norm_backend: str | None = None) -> torch.Tensor:
         """x [..., C] -> [..., C]. The Linear + GELU go through ``dit_norm.linear_gelu`` (one cuBLASLt GEMM with the
-        GELU in its epilogue for CUDA half tensors) when the layers are the plain torch modules; injected casting
+        GELU in its epilogue for CUDA half tensors) when the layers are the plain torch modules; with FP8 layers
+        (``nn/fp8.py``) the GELU is applied while quantising the hidden for the second GEMM; injected casting
         ops (ComfyUI) and a replaced activation run the modules as they are."""
         fc1, act, fc2 = self.mlp
-        plain = type(fc1).forward is nn.Linear.forward and type(act) is nn.GELU and act.approximate == "tanh"
+        gelu = type(act) is nn.GELU and act.approximate == "tanh"
+        if gelu and isinstance(fc1, Fp8Linear) and isinstance(fc2, Fp8Linear):
+            # FP8 weights (nn/fp8.py): GELU and the row quantisation of the 8192-wide hidden in one pass
+            q, scale = fp8_kernels.quantize_rows(fc1(x), gelu=True)
+            return fc2.forward_quantized(q, scale)
+        plain = type(fc1).forward is nn.Linear.forward and gelu
         if not plain:
             return self.mlp(x)
         return fc2(dit_norm.linear_gelu(x, fc1.weight, fc1.bias, backend=norm_backend))

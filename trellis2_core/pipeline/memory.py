@@ -41,6 +41,7 @@ import torch
 from ...kernels.sparse_conv import PLAN_MAX_CI, PLAN_MIN_CO
 from ..checkpoints import read_model_config, read_safetensors_header
 from ..errors import InputError
+from ..nn.fp8 import check_fp8_device
 from .components import Components, Policy
 from .types import PIPELINE_TYPES, plan as pipeline_plan
 
@@ -86,8 +87,10 @@ class ModelSize:
 
     @classmethod
     def from_tensors(cls, role: str, class_name: str, args: Mapping[str, Any], tensors: Mapping[str, tuple[str, tuple[int, ...]]],
-                     dtype: torch.dtype | None = None) -> ModelSize:  # fmt: skip
-        """tensors: key -> (safetensors dtype string, shape). dtype: block precision the loader casts half tensors to."""
+                     dtype: torch.dtype | None = None, fp8: bool = False) -> ModelSize:  # fmt: skip
+        """tensors: key -> (safetensors dtype string, shape). dtype: block precision the loader casts half tensors to.
+        fp8: a DiT's block Linear weights are stored e4m3 (1 byte per value + a float32 scale per output channel,
+        ``nn/fp8.py``)."""
         kinds = {**dict.fromkeys(_DIT, "dit"), **dict.fromkeys(_SC_DEC, "sc_decoder"), "SparseStructureDecoder": "ss_decoder"}
         kind = "image_cond" if role == IMAGE_COND else kinds.get(class_name, "other")
         half = dtype.itemsize if dtype is not None else None
@@ -99,12 +102,15 @@ class ModelSize:
             for s in shape:
                 numel *= s
             size = half if (half is not None and dt in ("F16", "BF16")) else _ITEM.get(dt, 4)
-            total += numel * size
+            nbytes = numel * size
             if key.startswith("blocks."):
                 idx = int(key.split(".")[1]) if key.split(".")[1].isdigit() else 0
-                blocks[idx] = blocks.get(idx, 0) + numel * size
                 if len(shape) >= 2:
                     elem = size
+                if fp8 and kind == "dit" and len(shape) == 2 and key.endswith(".weight"):
+                    nbytes = numel + 4 * shape[0]
+                blocks[idx] = blocks.get(idx, 0) + nbytes
+            total += nbytes
         channels: tuple[int, ...] = ()
         if kind == "dit":
             c = int(args["model_channels"])
@@ -115,14 +121,15 @@ class ModelSize:
         return cls(role, kind, total, block_bytes, channels, elem, int(args.get("resolution", 0) or 0))
 
 
-def sizes_from_files(files: Any, dtype: torch.dtype | None = None) -> dict[str, ModelSize]:
-    """ModelSize per role of a ``weights.PipelineFiles`` (headers only: no tensor data is read)."""
+def sizes_from_files(files: Any, dtype: torch.dtype | None = None, fp8: bool = False) -> dict[str, ModelSize]:
+    """ModelSize per role of a ``weights.PipelineFiles`` (headers only: no tensor data is read); fp8: see
+    ``ModelSize.from_tensors``."""
     out = {}
     for role, mf in files.models.items():
         cfg = read_model_config(mf.config_path)
         header = read_safetensors_header(mf.weights_path)
         tensors = {k: (v.dtype, v.shape) for k, v in header.items()}
-        out[role] = ModelSize.from_tensors(role, cfg.get("name", ""), cfg.get("args", {}), tensors, dtype)
+        out[role] = ModelSize.from_tensors(role, cfg.get("name", ""), cfg.get("args", {}), tensors, dtype, fp8)
     dino = getattr(files, "dinov3_path", None)
     if dino is not None:
         tensors = {}
@@ -133,11 +140,12 @@ def sizes_from_files(files: Any, dtype: torch.dtype | None = None) -> dict[str, 
     return out
 
 
-def sizes_from_manifests(manifests: Mapping[str, Mapping[str, Any]], dtype: torch.dtype | None = None) -> dict[str, ModelSize]:
+def sizes_from_manifests(manifests: Mapping[str, Mapping[str, Any]], dtype: torch.dtype | None = None,
+                         fp8: bool = False) -> dict[str, ModelSize]:  # fmt: skip
     """ModelSize per role from manifest dicts ({"config": {"name", "args"}, "params": {key: {"shape", "dtype"}}})."""
     return {
         role: ModelSize.from_tensors(role, m["config"]["name"], m["config"]["args"],
-                                     {k: (v["dtype"], tuple(v["shape"])) for k, v in m["params"].items()}, dtype)
+                                     {k: (v["dtype"], tuple(v["shape"])) for k, v in m["params"].items()}, dtype, fp8)
         for role, m in manifests.items()
     }  # fmt: skip
 
@@ -293,17 +301,18 @@ def _stages(sizes: Mapping[str, ModelSize], pipeline_type: str, tokens: tuple[in
 
 def plan_memory(sizes: Any, device: torch.device | str, vram_budget: Any, *, pipeline_type: str = "1024_cascade",
                 tokens: tuple[int, int] | int | None = None, host_ram_bytes: int | None = None,
-                prefetch: int = 1, dtype: torch.dtype | None = None) -> MemoryPlan:  # fmt: skip
+                prefetch: int = 1, dtype: torch.dtype | None = None, fp8: bool = False) -> MemoryPlan:  # fmt: skip
     """The cheapest plan whose estimate fits ``vram_budget`` ("auto", None, or GiB) on ``device``.
 
     sizes: ``weights.PipelineFiles``, or {role: ModelSize}. tokens: (first shape flow, last shape flow) latent
     tokens, or one int for both (default ``DEFAULT_TOKENS[pipeline_type]``). host_ram_bytes: default the
-    machine's. dtype: block precision the loader will use (None = the files' own).
+    machine's. dtype: block precision the loader will use (None = the files' own). fp8: the DiTs' block weights
+    will be stored e4m3 (``nn/fp8.py``).
     """
     if pipeline_type not in PIPELINE_TYPES:
         raise InputError(f"pipeline_type must be one of {list(PIPELINE_TYPES)}; got {pipeline_type!r}")
     if not isinstance(sizes, Mapping):
-        sizes = sizes_from_files(sizes, dtype)
+        sizes = sizes_from_files(sizes, dtype, fp8)
     tok = DEFAULT_TOKENS[pipeline_type] if tokens is None else (tokens, tokens) if isinstance(tokens, int) else tuple(tokens)
     if len(tok) != 2 or any(not isinstance(t, int) or t < 1 for t in tok):
         raise InputError(f"tokens must be a positive int or a pair (first, last shape flow tokens); got {tokens!r}")
@@ -390,10 +399,12 @@ def _kept_graphs_fit(plan: MemoryPlan, sizes: Mapping[str, ModelSize], usable: i
 
 # ---------------------------------------------------------------------------------------------- components
 def components_for(files: Any, device: torch.device | str, dtype: torch.dtype | None, vram_budget: Any = None, *,
-                   policy: Policy = "keep", pipeline_type: str | None = None, tokens: Any = None) -> Components:  # fmt: skip
+                   policy: Policy = "keep", pipeline_type: str | None = None, tokens: Any = None,
+                   fp8: bool = False) -> Components:  # fmt: skip
     """``Components`` for a ``weights.PipelineFiles``: lazy loaders for every role (+ DINOv3), following the
     plan for ``vram_budget`` (None: no plan, ``policy`` as given). A plan's policy applies when stricter than
     ``policy`` ("keep" < "offload" < "free"). Streamed DiTs are read into CPU memory, never whole onto the device.
+    fp8: every DiT's block Linear layers are quantised to e4m3 right after loading (``nn/fp8.py``).
     """
     from ..checkpoints import load_model
     from ..conditioning import DinoV3Conditioner
@@ -404,16 +415,19 @@ def components_for(files: Any, device: torch.device | str, dtype: torch.dtype | 
     memory_plan = None
     if parse_vram_budget(vram_budget) is not None:
         ptype = pipeline_type or getattr(files, "default_pipeline_type", None) or "1024_cascade"
-        memory_plan = plan_memory(files, device, vram_budget, pipeline_type=ptype, tokens=tokens, dtype=dtype)
+        memory_plan = plan_memory(files, device, vram_budget, pipeline_type=ptype, tokens=tokens, dtype=dtype, fp8=fp8)
         if memory_plan.budget_bytes is None:
             memory_plan = None  # "auto" off CUDA: nothing to fit
         else:
             policy = max(policy, memory_plan.policy, key=_POLICY_ORDER.index)
     streamed = set(memory_plan.stream_roles) if memory_plan is not None else set()
 
+    if fp8:
+        check_fp8_device(device)
+
     def loader(role: str):
         where = torch.device("cpu") if role in streamed else device
-        return lambda: load_model(files.models[role], device=where, dtype=dtype)
+        return lambda: load_model(files.models[role], device=where, dtype=dtype, fp8=fp8)
 
     loaders: dict[str, Callable[[], Any]] = {role: loader(role) for role in files.models}
     if files.dinov3_path is not None:

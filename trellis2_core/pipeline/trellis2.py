@@ -82,6 +82,7 @@ class Trellis2Pipeline:
         pipeline_type: str | None = None,
         allow_download: bool = True,
         roles: Iterable[str] | None = None,
+        fp8: bool = False,
         **resolve_kwargs: Any,
     ) -> Trellis2Pipeline:
         """Resolve (and download if needed) the pipeline's files; models load lazily on first use.
@@ -90,11 +91,13 @@ class Trellis2Pipeline:
         (None = released precision on CUDA, float32 on CPU/MPS). policy: see ``Components``.
         vram_budget: None (no plan), "auto" (this card's memory) or GiB: plans offloading, DiT block streaming
         and chunked decoding so ``pipeline_type`` (default: the snapshot's) fits (``pipeline/memory.py``).
+        fp8: store the flow DiTs' block weights as float8 e4m3 (``nn/fp8.py``: half their memory, FP8 GEMMs on
+        GPUs with compute capability >= 8.9, emulated elsewhere; not the reference's numerics).
         """
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype if dtype is not None else default_dtype(device)
         files = resolve_pipeline(source, allow_download=allow_download, roles=roles, **resolve_kwargs)
-        components = components_for(files, device, dtype, vram_budget, policy=policy, pipeline_type=pipeline_type)
+        components = components_for(files, device, dtype, vram_budget, policy=policy, pipeline_type=pipeline_type, fp8=fp8)
         return cls(files, components)
 
     # ------------------------------------------------------------------------------------------- settings
