@@ -19,6 +19,7 @@ import torch.nn as nn
 from trellis2.trellis2_core.models import from_config
 from trellis2.trellis2_core.models.sparse_unet_vae import SparseResBlockC2S3d
 from trellis2.trellis2_core.nn.cuda_graphs import GraphedModel
+from trellis2.trellis2_core.nn.fp8 import Fp8Linear, quantize_blocks
 from trellis2.trellis2_core.nn.transformer import FeedForward
 from trellis2.trellis2_core.pipeline import Components
 from trellis2.trellis2_core.sparse import SparseTensor
@@ -32,12 +33,12 @@ PIPELINE = json.loads((MANIFESTS / "pipeline.json").read_text())["args"]
 ROLES = PIPELINE["models"]  # role -> "ckpts/<name>" (manifest file = last path part)
 
 
-def official_sizes() -> dict:
+def official_sizes(fp8: bool = False) -> dict:
     """{role: ModelSize} of the official pipeline from the manifests, plus DINOv3 ViT-L (for the memory planner)."""
     from trellis2.trellis2_core.pipeline.memory import DINOV3_VITL16_BYTES, IMAGE_COND, ModelSize, sizes_from_manifests
 
     manifests = {role: json.loads((MANIFESTS / f"{path.split('/')[-1]}.json").read_text()) for role, path in ROLES.items()}
-    out = sizes_from_manifests(manifests)
+    out = sizes_from_manifests(manifests, fp8=fp8)
     out[IMAGE_COND] = ModelSize(IMAGE_COND, "image_cond", DINOV3_VITL16_BYTES)
     return out
 
@@ -66,14 +67,17 @@ def fill_random_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def build(role: str, device: torch.device, seed: int = 0) -> nn.Module:
-    """Full-size model of a pipeline role with random weights: built on meta, materialised on ``device``."""
+def build(role: str, device: torch.device, seed: int = 0, fp8: bool = False) -> nn.Module:
+    """Full-size model of a pipeline role with random weights: built on meta, materialised on ``device``; fp8: the
+    DiTs' block Linear layers quantised as the engine's fp8 option does (``nn/fp8.py``)."""
     name = ROLES[role].split("/")[-1]
     cfg = json.loads((MANIFESTS / f"{name}.json").read_text())["config"]
     model = from_config(cfg, device="meta").to_empty(device=device).eval()
     fill_random_(model, seed)
     if hasattr(model, "set_resolution") or role == "shape_slat_decoder":
         attach_shell_subdivision(model)
+    if fp8:
+        quantize_blocks(model)
     return model.requires_grad_(False)
 
 
@@ -178,13 +182,13 @@ class FlopCounter:
         self.flops = 0.0
 
     def attach(self, model: nn.Module) -> None:
-        # the DiT MLP's first Linear may run inside one fused GEMM (dit_norm.linear_gelu), not as a module call:
-        # counted by a hook on the FeedForward instead
-        fused = {id(m.mlp[0]) for m in model.modules() if isinstance(m, FeedForward)}
+        # the DiT MLP's first Linear may run inside one fused GEMM (dit_norm.linear_gelu), not as a module call,
+        # and an FP8 MLP's second one through forward_quantized: both counted by a hook on the FeedForward instead
+        fused = {id(m.mlp[i]) for m in model.modules() if isinstance(m, FeedForward) for i in (0, 2)}
         for m in model.modules():
             if isinstance(m, FeedForward):
                 m.register_forward_hook(self._feedforward)
-            if isinstance(m, nn.Linear) and id(m) not in fused:
+            if isinstance(m, (nn.Linear, Fp8Linear)) and id(m) not in fused:
                 m.register_forward_hook(self._linear)
             elif isinstance(m, SparseConv3d):
                 m.register_forward_hook(self._spconv)
@@ -198,7 +202,9 @@ class FlopCounter:
         self.flops += 2.0 * (inp[0].numel() // m.in_features) * m.in_features * m.out_features
 
     def _feedforward(self, m, inp, out):
-        self._linear(m.mlp[0], inp, out)
+        fc1, fc2 = m.mlp[0], m.mlp[2]
+        rows = inp[0].numel() // fc1.in_features
+        self.flops += 2.0 * rows * (fc1.in_features * fc1.out_features + fc2.in_features * fc2.out_features)
 
     def _spconv(self, m, inp, out):
         self.flops += 2.0 * inp[0].feats.shape[0] * 27 * m.in_channels * m.out_channels

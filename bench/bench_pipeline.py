@@ -216,6 +216,7 @@ def main() -> None:
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="run each type N times; the table is the median run's")
     ap.add_argument("--log", default=None, help="append rows as JSON lines to this file")
+    ap.add_argument("--fp8", action="store_true", help="DiT block weights in float8 e4m3 (the engine's fp8 option)")
     ap.add_argument("--no-graphs", action="store_true", help="sampling loops eager (TRELLIS2_CUDA_GRAPHS=0)")
     ap.add_argument("--attention", default=None, help="SDPA backend (TRELLIS2_ATTENTION_BACKEND); default auto")
     ap.add_argument("--trace", action="store_true", help="print every sampler model call: kind, host ms, gap")
@@ -240,7 +241,8 @@ def main() -> None:
     torch.cuda.empty_cache()
     emit(f"# {props.name}, {props.total_memory / GIB:.0f} GiB, torch {torch.__version__}, triton {triton.__version__}, "
          f"sparse-conv backend auto -> {spconv.resolve_backend(dev)}; bf16 mm ceiling {ceiling:.0f} TFLOP/s; "
-         f"CUDA graphs {'off' if args.no_graphs else 'on'}; attention {args.attention or 'auto'}",
+         f"CUDA graphs {'off' if args.no_graphs else 'on'}; attention {args.attention or 'auto'}; "
+         f"DiT weights {'fp8 e4m3' if args.fp8 else 'bf16'}",
          kind="device", name=props.name, ceiling=ceiling)  # fmt: skip
     if not args.no_kernels:
         conv_table(ceiling)
@@ -249,10 +251,10 @@ def main() -> None:
     if args.plan:
         if not args.vram_budget or len(args.types) != 1:
             raise SystemExit("--plan needs --vram-budget and one --types entry")
-        mem_plan = plan_memory(M.official_sizes(), dev, args.vram_budget, pipeline_type=args.types[0])
+        mem_plan = plan_memory(M.official_sizes(args.fp8), dev, args.vram_budget, pipeline_type=args.types[0])
         policy = mem_plan.policy
         emit(f"# memory plan: {mem_plan.summary()}")
-    loaders = {role: (lambda r=role: M.build(r, dev)) for role in M.ROLES}
+    loaders = {role: (lambda r=role: M.build(r, dev, fp8=args.fp8)) for role in M.ROLES}
     comps = M.TimedComponents(loaders, dev, policy=policy, pinned=args.pinned, plan=mem_plan)
     M.CountingGraphedModel.counter = comps.counter
     guidance.GraphedModel = M.CountingGraphedModel  # replays run no hooks: count their FLOPs (see _models)

@@ -10,7 +10,9 @@ Tables (full-size models from the manifests, random weights, token counts of ben
   forward  one flow-model forward: eager ms, CUDA-graph replay ms, sum of kernel times (profiler) and its split
            by kernel family, TFLOP/s of the eager and graphed forward against a bf16 mm ceiling from the same run;
   kernels  the heaviest kernels of an SS and an HR SLat forward;
-  layout   cuDNN attention per q/k/v memory layout, alone and inside forwards.
+  layout   cuDNN attention per q/k/v memory layout, alone and inside forwards;
+  fp8-forward  the engine's fp8 option (nn/fp8.py) on one forward: CUDA-graph ms bf16 vs fp8, and each output's
+           relative error against the same model in float32.
 Host-side costs (captures, first calls, launches) are bench/host_probe.py's.
 Run from the repo root with the package importable as ``trellis2``.
 """
@@ -309,11 +311,65 @@ def layout_forward_table() -> None:
     torch.cuda.empty_cache()
 
 
+def fp8_forward_table(ceil: float) -> None:
+    """bf16 vs the fp8 option on the SS flow (4,096 tokens) and an HR SLat flow (1024_cascade's 12.5k-token shell),
+    guided pairs (B=2). Random weights: the released weights' outlier channels are not modelled here."""
+    import json
+
+    from trellis2.trellis2_core.models import from_config
+    from trellis2.trellis2_core.nn.fp8 import quantize_blocks
+
+    dev = torch.device("cuda")
+    print("\n## fp8 DiT weights: one forward, B=2 (ms, CUDA-graph replay; err = |out - out_fp32| / |out_fp32|)")
+    print(f"{'case':<24} {'bf16 ms':>8} {'fp8 ms':>8} {'x':>6} {'TF/s bf16':>9} {'TF/s fp8':>9} {'err bf16':>9} {'err fp8':>9}")
+    counter = M.FlopCounter()
+
+    def ss_args():
+        return (torch.randn(2, 8, 16, 16, 16, device=dev), torch.full((2,), 800.0, device=dev),
+                torch.randn(2, 1029, CTX, device=dev))  # fmt: skip
+
+    def slat_args():
+        coords = M.batched(M.shell_coords(64, 0.40, 0.0, dev), 2)
+        x = SparseTensor(torch.randn(coords.shape[0], 32, device=dev), coords)
+        return x, torch.full((2,), 800.0, device=dev), torch.randn(2, 4101, CTX, device=dev)
+
+    def feats(out):
+        return (out.feats if isinstance(out, SparseTensor) else out).float()
+
+    for role, label, make in [("sparse_structure_flow_model", "ss_flow 4096", ss_args),
+                              ("shape_slat_flow_model_1024", "slat_1024 ~12.5k", slat_args)]:  # fmt: skip
+        torch.manual_seed(0)
+        model, args = M.build(role, dev), make()
+        counter.attach(model)
+        with torch.no_grad():
+            f0 = counter.flops
+            ref16 = feats(model(*args))
+            flops = counter.flops - f0
+            t16 = graph_time(lambda: model(*args), reps=10)
+            name = M.ROLES[role].split("/")[-1]
+            cfg = json.loads((M.MANIFESTS / f"{name}.json").read_text())["config"]
+            cfg = {**cfg, "args": {**cfg["args"], "dtype": "float32"}}  # activations in float32 too, not only weights
+            m32 = from_config(cfg, device="meta").to_empty(device=dev).eval()
+            m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+            ref32 = feats(m32(*args))
+            del m32
+            torch.cuda.empty_cache()
+            quantize_blocks(model)
+            out8 = feats(model(*args))
+            t8 = graph_time(lambda: model(*args), reps=10)
+        err = lambda o: ((o - ref32).norm() / ref32.norm()).item()  # noqa: E731
+        print(f"{label:<24} {t16 * 1e3:8.2f} {t8 * 1e3:8.2f} {t16 / t8:5.2f}x {flops / t16 / 1e12:9.0f} "
+              f"{flops / t8 / 1e12:9.0f} {err(ref16):9.2e} {err(out8):9.2e}", flush=True)  # fmt: skip
+        del model, args
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "gemm", "forward", "fp8", "mlp"])
     ap.add_argument("--kernels", action="store_true", help="the heaviest kernels of an SS and an HR SLat forward")
     ap.add_argument("--layout", action="store_true", help="cuDNN attention per q/k/v layout, alone and in forwards")
+    ap.add_argument("--fp8-forward", action="store_true", help="bf16 vs fp8 DiT weights: forward time and error")
     args = ap.parse_args()
     import triton
 
@@ -335,6 +391,8 @@ def main() -> None:
     if args.layout:
         layout_table()
         layout_forward_table()
+    if args.fp8_forward:
+        fp8_forward_table(ceil)
 
 
 if __name__ == "__main__":
