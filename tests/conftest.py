@@ -81,6 +81,28 @@ def random_model(name: str, config: dict, *, device: str = "cpu", seed: int = 0,
     return m
 
 
+def check_backend_order(kernels, monkeypatch, call=None) -> None:
+    """The call-time backend order every ``kernels/`` package shares (STYLE.md item 6, ``kernels/_backend.py``):
+    argument > innermost ``use_backend`` context > environment variable (read at each call) > "auto", the
+    "reference" alias, and errors naming a bad environment value or argument. ``call(backend=None)``: a public
+    entry point of the package that must resolve through that order (default: ``kernels.requested_backend``)."""
+    call = call or (lambda backend=None: kernels.requested_backend(backend))
+    assert kernels.requested_backend() == "auto"
+    monkeypatch.setenv(kernels.ENV_VAR, "Triton")
+    assert kernels.requested_backend() == "triton"  # read at call time
+    with kernels.use_backend("reference"):
+        assert kernels.requested_backend() == "torch"
+        with kernels.use_backend("auto"):
+            assert kernels.requested_backend() == "auto"
+        assert kernels.requested_backend("auto") == "auto"
+        assert kernels.requested_backend("triton") == "triton"
+    monkeypatch.setenv(kernels.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match=f"{kernels.ENV_VAR}.*'fast'"):
+        call()
+    with pytest.raises(ValueError, match="backend argument"):
+        call(backend="cuda")
+
+
 def block_image():
     """A 96 x 80 RGBA image: one opaque orange block on a transparent background."""
     import numpy as np

@@ -29,6 +29,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import check_backend_order
 from trellis2.kernels import fp8
 from trellis2.kernels.fp8 import BackendUnavailableError, reference
 
@@ -244,17 +245,8 @@ def clean_env(monkeypatch):
 
 
 def test_backend_order_argument_context_env(clean_env):
-    assert fp8.ENV_VAR == "TRELLIS2_FP8_BACKEND" and fp8.requested_backend() == "auto"
-    clean_env.setenv(fp8.ENV_VAR, "Triton")
-    assert fp8.requested_backend() == "triton"  # read at call time
-    with fp8.use_backend("reference"):
-        assert fp8.requested_backend() == "torch"
-        assert fp8.requested_backend("auto") == "auto"
-    clean_env.setenv(fp8.ENV_VAR, "fp8")
-    with pytest.raises(ValueError, match="TRELLIS2_FP8_BACKEND.*'fp8'"):
-        fp8.quantize_rows(torch.ones(2, 4))
-    with pytest.raises(ValueError, match="backend argument"):
-        fp8.quantize_rows(torch.ones(2, 4), backend="cuda")
+    assert fp8.ENV_VAR == "TRELLIS2_FP8_BACKEND"
+    check_backend_order(fp8, clean_env, lambda backend=None: fp8.quantize_rows(torch.ones(2, 4), backend=backend))
 
 
 def test_explicit_triton_on_cpu_raises_naming_cuda(clean_env):
