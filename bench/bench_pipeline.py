@@ -205,6 +205,33 @@ def print_gaps(ptype: str, wall: float, prof, top: int = 12) -> None:
              f"             after {before[:60]}  before {after[:60]}")  # fmt: skip
 
 
+def print_syncs(ptype: str, comps: M.TimedComponents, cond: Conditioning, top: int = 15) -> None:
+    """One plain run with torch's sync debug mode on: every host<->device synchronisation the pipeline makes (item,
+    nonzero, D2H copies, ...), counted per calling line of this package (innermost three frames)."""
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "trellis2" in f.filename and "bench" not in f.filename]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-3:])) or f"{filename}:{lineno}"
+        sites[where] = sites.get(where, 0) + 1
+
+    with comps.plain(), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            wall = run_pipeline(ptype, comps, cond)["wall"]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    emit(f"\n# syncs of {ptype} (plain run under sync debug mode, wall {wall:.3f} s): {sum(sites.values())} at "
+         f"{len(sites)} sites; most frequent:")  # fmt: skip
+    for where, n in sorted(sites.items(), key=lambda kv: -kv[1])[:top]:
+        emit(f"  {n:5d}  {where}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", nargs="*", default=["512", "1024_cascade", "1536_cascade"])
@@ -220,10 +247,16 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true", help="sampling loops eager (TRELLIS2_CUDA_GRAPHS=0)")
     ap.add_argument("--attention", default=None, help="SDPA backend (TRELLIS2_ATTENTION_BACKEND); default auto")
     ap.add_argument("--trace", action="store_true", help="print every sampler model call: kind, host ms, gap")
-    ap.add_argument("--gaps", action="store_true", help="profile one more run: GPU busy time and its longest idle gaps")
+    ap.add_argument("--gaps", action="store_true",
+                    help="profile one more (plain) run: GPU busy time and its longest idle gaps")
     ap.add_argument("--vary-tokens", action="store_true",
                     help="repeat i scales the shell radius by 1 + 0.02 (i + 1): new token counts every run, as with "
                          "new images (first-call costs per shape: cuDNN plans, kernel variants)")  # fmt: skip
+    ap.add_argument("--plain", type=int, default=0, metavar="N",
+                    help="N more runs per type without the stage records (no per-stage syncs, no hooks): the wall "
+                         "time a user's run sees")  # fmt: skip
+    ap.add_argument("--syncs", action="store_true",
+                    help="one more plain run under torch.cuda.set_sync_debug_mode: where the host waits for the GPU")
     ap.add_argument("--plan", action="store_true",
                     help="with --vram-budget: run under the engine's memory plan for it (streaming, chunked decoders)")  # fmt: skip
     args = ap.parse_args()
@@ -275,8 +308,15 @@ def main() -> None:
                 if args.trace:
                     print_trace(ptype, info["wall"], M.CountingGraphedModel.trace)
                 runs.append((info["wall"], info, list(comps.records)))
+            if args.plain:
+                with comps.plain():
+                    walls = sorted(run_pipeline(ptype, comps, cond)["wall"] for _ in range(args.plain))
+                emit(f"\n{ptype}: {len(walls)} plain runs (no stage records), wall s " + " ".join(f"{w:.3f}" for w in walls),
+                     kind="plain", ptype=ptype, walls=walls)  # fmt: skip
+            if args.syncs:
+                print_syncs(ptype, comps, cond)
             if args.gaps:
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                with comps.plain(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     wall = run_pipeline(ptype, comps, cond)["wall"]
                 print_gaps(ptype, wall, prof)
             runs.sort(key=lambda r: r[0])

@@ -192,3 +192,40 @@ def test_decode_uses_the_decoders_voxel_margin(pipe, image):
     assert ov.num_voxels > 0
     assert torch.equal(ov.vertex_offset, expected.float())
     assert not torch.equal(pipe.decode(shape).vertex_offset, ov.vertex_offset)
+
+
+def test_normalisation_needs_one_mean_and_std_per_channel():
+    from trellis2.trellis2_core.pipeline.shape import normalise
+    from trellis2.trellis2_core.weights import Normalization
+
+    with pytest.raises(InputError, match="4 channels .* 4 means and 3 stds"):
+        normalise(torch.zeros(2, 4), Normalization(mean=(0.0,) * 4, std=(1.0,) * 3))
+    z = torch.randn(5, 2)
+    n = Normalization(mean=(1.0, -2.0), std=(0.5, 4.0))
+    torch.testing.assert_close(normalise(z, n), (z - torch.tensor([1.0, -2.0])) / torch.tensor([0.5, 4.0]), rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_stage_boundaries_do_not_wait_for_the_gpu():
+    """Noise and the normalisation statistics reach the GPU without a synchronisation: at a stage boundary the
+    host goes on (e.g. captures the next flow's graph) while the previous sampling loop still runs. Values equal
+    the CPU computation exactly."""
+    from trellis2.trellis2_core.pipeline import rng
+    from trellis2.trellis2_core.pipeline.shape import denormalise, normalise
+    from trellis2.trellis2_core.weights import Normalization
+
+    dev = torch.device("cuda")
+    n = Normalization(mean=tuple(float(i) for i in range(8)), std=tuple(0.5 + i for i in range(8)))
+    busy = torch.randn(4096, 4096, device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):  # queued work the host must not wait for
+            busy = busy @ busy / 64.0
+        noise = rng.randn((1000, 8), rng.generator(3), dev)
+        z = denormalise(normalise(noise, n), n)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = rng.randn((1000, 8), rng.generator(3), torch.device("cpu"))
+    assert torch.equal(noise.cpu(), ref)
+    assert torch.equal(z.cpu(), denormalise(normalise(ref, n), n))

@@ -5,6 +5,10 @@ The reference seeds torch's global CPU generator once and draws every noise tens
 the same noise on every device. We draw from a private CPU generator with the same seed, which yields the
 identical stream without touching the caller's global RNG state. Each stage result carries the generator
 state after its draws, so stages run as separate ComfyUI nodes continue one stream exactly like one call.
+
+Host values go to the GPU through ``upload`` (pinned memory, asynchronous copy): a plain ``.to("cuda")`` of a
+pageable tensor waits for everything queued on the stream, which at a stage boundary would stall the host until
+the previous stage's sampling loop has finished, and leave the GPU idle while the next stage prepares.
 """
 
 from __future__ import annotations
@@ -31,5 +35,16 @@ def generator(seed: int | None = None, state: torch.Tensor | None = None) -> tor
 
 
 def randn(shape: tuple[int, ...], g: torch.Generator, device: torch.device) -> torch.Tensor:
-    """float32 standard normal noise drawn on the CPU stream, then moved to ``device``."""
-    return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
+    """float32 standard normal noise drawn on the CPU stream, then moved to ``device`` (``upload``)."""
+    return upload(torch.randn(shape, generator=g, dtype=torch.float32), device)
+
+
+def upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A CPU tensor on ``device`` without making the host wait for the device's queued work.
+
+    CUDA: copied from pinned memory with ``non_blocking=True`` (torch's pinned-memory cache keeps the staging
+    block alive until the copy has run, so ``t`` may be dropped at once); other devices: ``t.to(device)``."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

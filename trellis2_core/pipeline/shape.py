@@ -40,13 +40,14 @@ def denormalise(feats: torch.Tensor, norm: Normalization) -> torch.Tensor:
 
 
 def _stats(norm: Normalization, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(norm.mean) != feats.shape[-1]:
+    if not len(norm.mean) == len(norm.std) == feats.shape[-1]:
         raise InputError(
-            f"latent has {feats.shape[-1]} channels but the pipeline's normalisation has {len(norm.mean)}; "
+            f"latent has {feats.shape[-1]} channels but the pipeline's normalisation has {len(norm.mean)} means "
+            f"and {len(norm.std)} stds; "
             "the flow model and pipeline.json do not belong together"
         )
-    mean = torch.tensor(norm.mean, dtype=feats.dtype, device=feats.device)
-    return mean, torch.tensor(norm.std, dtype=feats.dtype, device=feats.device)
+    stats = rng.upload(torch.tensor([norm.mean, norm.std], dtype=feats.dtype), feats.device)  # no wait (rng.py)
+    return stats[0], stats[1]
 
 
 def _flow(
