@@ -309,8 +309,9 @@ def main() -> None:
                     print_trace(ptype, info["wall"], M.CountingGraphedModel.trace)
                 runs.append((info["wall"], info, list(comps.records)))
             if args.plain:
-                with comps.plain():
-                    walls = sorted(run_pipeline(ptype, comps, cond)["wall"] for _ in range(args.plain))
+                with comps.plain():  # with --vary-tokens: shells no earlier run had
+                    scales = [1 + 0.02 * (args.repeat + i + 1) if args.vary_tokens else 1.0 for i in range(args.plain)]
+                    walls = sorted(run_pipeline(ptype, comps, cond, s)["wall"] for s in scales)
                 emit(f"\n{ptype}: {len(walls)} plain runs (no stage records), wall s " + " ".join(f"{w:.3f}" for w in walls),
                      kind="plain", ptype=ptype, walls=walls)  # fmt: skip
             if args.syncs:

@@ -133,12 +133,18 @@ class _Managed(torch.nn.Module):
 
 class _Patcher(comfy.model_patcher.ModelPatcher):
     """ModelPatcher that frees the CUDA graphs kept for its network (the SS flow's, ``nn/kept_graphs.py``) before
-    ComfyUI moves the weights they read: on a full unload (``detach``) and on a partial one (``partially_unload``,
-    when another model needs the memory)."""
+    ComfyUI moves the weights they read: on a full unload (``detach`` that unpatches) and on a partial one
+    (``partially_unload``, when another model needs the memory).
 
-    def detach(self, *args, **kwargs):
-        release_graphs(self.model.module)
-        return super().detach(*args, **kwargs)
+    ``detach(unpatch_all=False)`` leaves the weights where they are: ComfyUI calls it every time a loaded model is
+    requested again (``load_models_gpu`` detaches and re-inserts it), so releasing there would throw the graphs
+    away before every generation. (Graphs whose weights did move are dropped anyway when a loop looks for them:
+    ``kept_graphs.take`` compares the weights' addresses.)"""
+
+    def detach(self, unpatch_all=True):
+        if unpatch_all:
+            release_graphs(self.model.module)
+        return super().detach(unpatch_all)
 
     def partially_unload(self, *args, **kwargs):
         release_graphs(self.model.module)

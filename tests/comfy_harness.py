@@ -77,13 +77,14 @@ def comfyui_python(folder: Path) -> str:
     return os.environ.get("TRELLIS2_COMFYUI_PYTHON") or (str(venv) if venv.exists() else sys.executable)
 
 
-def run_inner_suite(test_file: str, *, timeout: int, allow_skips: bool = False) -> None:
+def run_inner_suite(test_file: str, *, timeout: int, allow_skips: bool = False, gpu: bool = False) -> None:
     """Re-run ``test_file`` under ComfyUI's interpreter with TRELLIS2_NODES_INNER=1 (its inner half imports comfy
-    directly, on the CPU) and fail with its output unless every inner test passed (and, unless ``allow_skips``,
-    none was skipped)."""
+    directly, on the CPU unless ``gpu``) and fail with its output unless every inner test passed (and, unless
+    ``allow_skips``, none was skipped)."""
     folder = find_comfyui()
-    env = {**os.environ, "TRELLIS2_NODES_INNER": "1", "TRELLIS2_COMFYUI_DIR": str(folder),
-           "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    env = {**os.environ, "TRELLIS2_NODES_INNER": "1", "TRELLIS2_COMFYUI_DIR": str(folder), "HF_HUB_OFFLINE": "1"}
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cmd = [comfyui_python(folder), "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(test_file))]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"inner tests failed:\n{done.stdout[-8000:]}\n{done.stderr[-3000:]}"

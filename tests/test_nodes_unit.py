@@ -154,6 +154,23 @@ else:
             with comps.use("nope"):
                 pass
 
+    def test_kept_graphs_survive_a_repeated_load_and_go_with_an_unload(models_root, monkeypatch):
+        """load_models_gpu detaches (unpatch_all=False) a model that is requested again without moving its weights:
+        the graphs kept for it must stay; a real unload (or a partial one) releases them."""
+        released = []
+        monkeypatch.setattr(mgmt, "release_graphs", lambda module: released.append(module) or True)
+        pipe = generation.Trellis2LoadModel.execute("tiny", "fp32", "cpu", False).result[0]
+        comps = pipe.components
+        for _ in range(2):
+            with comps.use("sparse_structure_flow_model"):
+                pass
+        assert released == []
+        module = comps.patcher("sparse_structure_flow_model").model.module
+        comps.patcher("sparse_structure_flow_model").partially_unload(torch.device("cpu"), memory_to_free=1 << 40)
+        assert released == [module]
+        mm.unload_all_models()
+        assert released == [module, module]
+
     def test_fp8_option_stores_the_flow_blocks_in_float8_through_model_management(models_root):
         from trellis2.trellis2_core.nn.fp8 import is_quantized
 
