@@ -77,6 +77,18 @@ def comfyui_python(folder: Path) -> str:
     return os.environ.get("TRELLIS2_COMFYUI_PYTHON") or (str(venv) if venv.exists() else sys.executable)
 
 
+def tiny_models_folder(root: Path) -> Path:
+    """For inner suites (ComfyUI's interpreter): ``root`` becomes ComfyUI's ``trellis2`` model folder, holding the
+    tiny random snapshot (official file layout) as ``tiny``. Returns root."""
+    import folder_paths
+
+    from trellis2.trellis2_core.testing.tiny_snapshot import write_tiny_snapshot
+
+    write_tiny_snapshot(root / "tiny", seed=0)
+    folder_paths.folder_names_and_paths["trellis2"] = ([str(root)], set())
+    return root
+
+
 def run_inner_suite(test_file: str, *, timeout: int, allow_skips: bool = False, gpu: bool = False) -> None:
     """Re-run ``test_file`` under ComfyUI's interpreter with TRELLIS2_NODES_INNER=1 (its inner half imports comfy
     directly, on the CPU unless ``gpu``) and fail with its output unless every inner test passed (and, unless

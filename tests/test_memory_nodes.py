@@ -26,23 +26,19 @@ else:
 
     comfy.cli_args.args.cpu = True  # before model_management reads it: this suite runs on the CPU
     import comfy.model_management as mm
-    import folder_paths
     import torch
+    from comfy_harness import tiny_models_folder
 
     from trellis2.nodes import generation
     from trellis2.trellis2_core.errors import InputError
     from trellis2.trellis2_core.models.decoder_chunking import decoder_chunk_rows
     from trellis2.trellis2_core.nn.streaming import streamer_of
-    from trellis2.trellis2_core.testing.tiny_snapshot import write_tiny_snapshot
 
     DIT = "shape_slat_flow_model_512"
 
     @pytest.fixture(scope="module", autouse=True)
     def models_root(tmp_path_factory):
-        root = tmp_path_factory.mktemp("trellis2_models")
-        write_tiny_snapshot(root / "tiny", seed=0)
-        folder_paths.folder_names_and_paths["trellis2"] = ([str(root)], set())
-        return root
+        return tiny_models_folder(tmp_path_factory.mktemp("trellis2_models"))
 
     def _loaded(patcher) -> bool:
         return any(lm.model is patcher for lm in mm.current_loaded_models)

@@ -32,14 +32,13 @@ else:
         pytest.skip("needs an NVIDIA GPU (CUDA)", allow_module_level=True)
 
     import comfy.model_management as mm
-    import folder_paths
+    from comfy_harness import tiny_models_folder
 
     from trellis2.nodes import generation
     from trellis2.trellis2_core.nn import cuda_graphs
     from trellis2.trellis2_core.nn.fp8 import is_quantized
     from trellis2.trellis2_core.nn.kept_graphs import kept_graphs
     from trellis2.trellis2_core.pipeline import guidance
-    from trellis2.trellis2_core.testing.tiny_snapshot import write_tiny_snapshot
 
     SS_FLOW = "sparse_structure_flow_model"
     FAST = {stage: dict(steps=4, guidance_strength=g, guidance_rescale=r, guidance_interval_start=lo,
@@ -49,10 +48,7 @@ else:
 
     @pytest.fixture(scope="session", autouse=True)
     def models_root(tmp_path_factory):
-        root = tmp_path_factory.mktemp("trellis2_models")
-        write_tiny_snapshot(root / "tiny", seed=0)
-        folder_paths.folder_names_and_paths["trellis2"] = ([str(root)], set())
-        return root
+        return tiny_models_folder(tmp_path_factory.mktemp("trellis2_models"))
 
     @pytest.fixture
     def loops(monkeypatch):

@@ -39,6 +39,7 @@ else:
     import comfy.utils
     import folder_paths
     from comfy_api.latest import Types
+    from comfy_harness import tiny_models_folder
 
     from trellis2.nodes import comfy_entrypoint, export, generation, mesh_nodes, mesh_socket
     from trellis2.nodes import model_management as mgmt
@@ -46,7 +47,6 @@ else:
     from trellis2.trellis2_core.mesh.mesh import Mesh, PBRMaps
     from trellis2.trellis2_core.ovoxel.ovoxel import OVoxel
     from trellis2.trellis2_core.pipeline import rng
-    from trellis2.trellis2_core.testing.tiny_snapshot import write_tiny_snapshot
 
     def _nodes() -> list:
         ext = asyncio.run(comfy_entrypoint())
@@ -55,12 +55,10 @@ else:
     @pytest.fixture(scope="session")
     def models_root(tmp_path_factory):
         """models/trellis2 with the tiny snapshot as 'tiny' and a broken folder as 'incomplete'."""
-        root = tmp_path_factory.mktemp("trellis2_models")
-        write_tiny_snapshot(root / "tiny", seed=0)
+        root = tiny_models_folder(tmp_path_factory.mktemp("trellis2_models"))
         (root / "incomplete").mkdir()
         (root / "incomplete" / "pipeline.json").write_text((root / "tiny" / "pipeline.json").read_text())
         (root / "not_a_pipeline").mkdir()
-        folder_paths.folder_names_and_paths["trellis2"] = ([str(root)], set())
         return root
 
     @pytest.fixture(scope="session")
