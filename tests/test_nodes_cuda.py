@@ -143,3 +143,26 @@ else:
             _equal(first, monkey)
         bf16 = _generate(_load(fp8=False))
         assert not all(torch.equal(first[k], bf16[k]) for k in ("shape", "material"))  # the option took effect
+
+    def test_tight_budget_streams_the_flows_on_the_gpu_and_generates_what_the_unbudgeted_handle_does():
+        """The memory plan's GPU path inside ComfyUI: DiT blocks streamed from CPU memory, decoders chunked, each
+        model offloaded after its stage. fp32 (so that running the guided pair's branches one after the other, as
+        a tight budget does, changes only float rounding); with fp8 weights the streamed run is deterministic."""
+        from trellis2.trellis2_core.nn.streaming import streamer_of
+
+        runs = {}
+        for budget in ("none", "0.00001"):
+            model = generation.Trellis2LoadModel.execute("tiny", "fp32", "auto", False, budget).result[0]
+            assert (model.components.plan is not None and model.components.plan.stream_blocks) == (budget != "none")
+            runs[budget] = _generate(model)
+        a, b = runs["none"], runs["0.00001"]
+        assert torch.equal(a["coords"], b["coords"])
+        for key in ("shape", "material", "attributes"):
+            err = ((a[key] - b[key]).norm() / a[key].norm()).item()
+            assert err < 1e-4, (key, err)
+        streamed = generation.Trellis2LoadModel.execute("tiny", "bf16", "auto", False, "0.00001", True).result[0]
+        first = _generate(streamed)
+        _equal(first, _generate(streamed))
+        with streamed.components.use("shape_slat_flow_model_512") as flow:
+            assert is_quantized(flow) and streamer_of(flow) is not None
+        assert all(p.device.type == "cpu" for p in flow.parameters())  # back in CPU memory after the stage
