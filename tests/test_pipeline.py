@@ -229,3 +229,22 @@ def test_stage_boundaries_do_not_wait_for_the_gpu():
     ref = rng.randn((1000, 8), rng.generator(3), torch.device("cpu"))
     assert torch.equal(noise.cpu(), ref)
     assert torch.equal(z.cpu(), denormalise(normalise(ref, n), n))
+
+
+def test_upload_falls_back_to_a_plain_copy_when_memory_cannot_be_pinned(monkeypatch):
+    """Where page-locked memory is refused, upload still delivers the tensor (the copy then waits)."""
+    from trellis2.trellis2_core.pipeline import rng
+
+    moved = []
+
+    class Host(torch.Tensor):
+        def pin_memory(self):
+            raise RuntimeError("cannot pin")
+
+        def to(self, *args, **kwargs):
+            moved.append((args, kwargs))
+            return torch.Tensor.to(self.as_subclass(torch.Tensor), "cpu")
+
+    t = torch.arange(4.0).as_subclass(Host)
+    out = rng.upload(t, torch.device("cuda"))
+    assert moved == [((torch.device("cuda"),), {})] and torch.equal(out, torch.arange(4.0))

@@ -47,4 +47,8 @@ def upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     device = torch.device(device)
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
+    try:
+        pinned = t.pin_memory()
+    except RuntimeError:  # no page-locked memory to be had (container limits): the plain copy, which waits
+        return t.to(device)
+    return pinned.to(device, non_blocking=True)
