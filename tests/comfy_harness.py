@@ -89,6 +89,18 @@ def tiny_models_folder(root: Path) -> Path:
     return root
 
 
+def rgba_image():
+    """For inner suites: a LoadImage-style IMAGE [1, 64, 64, 3] and MASK [1, 64, 64] (1 = transparent) of an
+    orange 32 x 32 square in the middle."""
+    import torch
+
+    image = torch.zeros(1, 64, 64, 3)
+    image[:, 16:48, 16:48] = torch.tensor([0.8, 0.4, 0.2])
+    mask = torch.ones(1, 64, 64)
+    mask[:, 16:48, 16:48] = 0
+    return image, mask
+
+
 def run_inner_suite(test_file: str, *, timeout: int, allow_skips: bool = False, gpu: bool = False) -> None:
     """Re-run ``test_file`` under ComfyUI's interpreter with TRELLIS2_NODES_INNER=1 (its inner half imports comfy
     directly, on the CPU unless ``gpu``) and fail with its output unless every inner test passed (and, unless

@@ -27,7 +27,7 @@ else:
     comfy.cli_args.args.cpu = True  # before model_management reads it: this suite runs on the CPU
     import comfy.model_management as mm
     import torch
-    from comfy_harness import tiny_models_folder
+    from comfy_harness import rgba_image, tiny_models_folder
 
     from trellis2.nodes import generation
     from trellis2.trellis2_core.errors import InputError
@@ -79,10 +79,7 @@ else:
         assert not _loaded(patcher)  # offloaded as soon as the stage ended
 
     def test_budgeted_handle_generates_what_the_unbudgeted_one_does():
-        image = torch.zeros(1, 64, 64, 3)
-        image[:, 16:48, 16:48] = torch.tensor([0.8, 0.4, 0.2])
-        mask = torch.ones(1, 64, 64)
-        mask[:, 16:48, 16:48] = 0
+        image, mask = rgba_image()
         fast = dict(steps=2, guidance_strength=7.5, guidance_rescale=0.5, guidance_interval_start=0.6,
                     guidance_interval_end=1.0, rescale_t=3.0)  # fmt: skip
         results = []

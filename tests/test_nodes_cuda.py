@@ -32,7 +32,7 @@ else:
         pytest.skip("needs an NVIDIA GPU (CUDA)", allow_module_level=True)
 
     import comfy.model_management as mm
-    from comfy_harness import tiny_models_folder
+    from comfy_harness import rgba_image, tiny_models_folder
 
     from trellis2.nodes import generation
     from trellis2.trellis2_core.nn import cuda_graphs
@@ -63,15 +63,8 @@ else:
         monkeypatch.setattr(guidance, "GraphedModel", Recording)
         return seen
 
-    def _image():
-        image = torch.zeros(1, 64, 64, 3)
-        image[:, 16:48, 16:48] = torch.tensor([0.8, 0.4, 0.2])
-        mask = torch.ones(1, 64, 64)
-        mask[:, 16:48, 16:48] = 0
-        return image, mask
-
     def _generate(model, seed: int = 7) -> dict:
-        image, mask = _image()
+        image, mask = rgba_image()
         cond, _ = generation.Trellis2Conditioning.execute(model, image, "1 = background (LoadImage MASK)", "512", mask=mask).result
         (structure,) = generation.Trellis2SparseStructure.execute(model, cond, "512", seed, **FAST["ss"]).result
         shape, geometry = generation.Trellis2Geometry.execute(model, cond, structure, "512", seed=-1, max_tokens=49152, **FAST["shape"]).result
@@ -122,7 +115,7 @@ else:
         _equal(first, _generate(model))
         assert loops[0][0] > 0, loops  # weights were moved: captured afresh, not replayed stale
 
-    def test_fp8_option_runs_fp8_gemms_on_the_gpu_deterministically(loops):
+    def test_fp8_option_runs_fp8_gemms_on_the_gpu_deterministically(loops, monkeypatch):
         from trellis2.kernels.fp8 import fp8_matmul_supported
 
         model = _load(fp8=True)
@@ -132,15 +125,12 @@ else:
         assert all(bool(torch.isfinite(t.float()).all()) for t in first.values())
         _equal(first, _generate(model))
         if fp8_matmul_supported(torch.device("cuda")):  # sm_89+: torch._scaled_mm, not a dequantising fallback
-            calls = []
-            real = torch._scaled_mm
-            torch._scaled_mm = lambda *a, **k: calls.append(1) or real(*a, **k)
-            try:
-                monkey = _generate(model)
-            finally:
-                torch._scaled_mm = real
+            calls, real = [], torch._scaled_mm
+            with monkeypatch.context() as m:
+                m.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+                counted = _generate(model)
             assert calls, "no FP8 GEMM ran"
-            _equal(first, monkey)
+            _equal(first, counted)
         bf16 = _generate(_load(fp8=False))
         assert not all(torch.equal(first[k], bf16[k]) for k in ("shape", "material"))  # the option took effect
 

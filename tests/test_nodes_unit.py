@@ -39,7 +39,7 @@ else:
     import comfy.utils
     import folder_paths
     from comfy_api.latest import Types
-    from comfy_harness import tiny_models_folder
+    from comfy_harness import rgba_image, tiny_models_folder
 
     from trellis2.nodes import comfy_entrypoint, export, generation, mesh_nodes, mesh_socket
     from trellis2.nodes import model_management as mgmt
@@ -73,14 +73,6 @@ else:
         yield tmp_path
         folder_paths.set_output_directory(old[0])
         folder_paths.set_temp_directory(old[1])
-
-    def _rgba_image(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """A LoadImage-style IMAGE [1, H, W, 3] and MASK [1, H, W] (1 = transparent) of an orange square."""
-        image = torch.zeros(1, size, size, 3)
-        image[:, 16:48, 16:48] = torch.tensor([0.8, 0.4, 0.2])
-        mask = torch.ones(1, size, size)
-        mask[:, 16:48, 16:48] = 0
-        return image, mask
 
     def _block_ovoxel(dims=(6, 6, 6), resolution: int = 16, attributes: bool = True) -> OVoxel:
         """A solid block of dims (x, y, z) voxels, dual vertices at the voxel centres: a closed box surface."""
@@ -186,7 +178,7 @@ else:
 
     # --------------------------------------------------------------------------------------------- generation
     def test_conditioning_errors_for_batches_and_empty_masks(model):
-        image, mask = _rgba_image()
+        image, mask = rgba_image()
         with pytest.raises(InputError, match="batch of 2"):
             generation.Trellis2Conditioning.execute(model, image.repeat(2, 1, 1, 1), "1 = background (LoadImage MASK)", "512", mask=mask)
         with pytest.raises(InputError, match="no pixel has alpha"):
@@ -195,7 +187,7 @@ else:
             generation.Trellis2Conditioning.execute(model, image, "1 = background (LoadImage MASK)", "512")
 
     def test_stage_chain_reproduces_one_pipeline_run_and_never_mutates_inputs(model):
-        image, mask = _rgba_image()
+        image, mask = rgba_image()
         image_before, mask_before = image.clone(), mask.clone()
         cond, crop = generation.Trellis2Conditioning.execute(model, image, "1 = background (LoadImage MASK)", "512", mask=mask).result
         assert torch.equal(image, image_before) and torch.equal(mask, mask_before)
@@ -235,7 +227,7 @@ else:
         assert not torch.allclose(other.latent.feats, shape_latent.latent.feats)
 
     def test_cancel_raises_comfyuis_interrupt_and_clears_the_flag(model):
-        image, mask = _rgba_image()
+        image, mask = rgba_image()
         (cond, _) = generation.Trellis2Conditioning.execute(model, image, "1 = background (LoadImage MASK)", "512", mask=mask).result
         mm.interrupt_current_processing(True)
         try:
