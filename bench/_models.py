@@ -287,13 +287,15 @@ class TimedComponents(Components):
 
     @contextlib.contextmanager
     def plain(self):
-        """Inside: no hooks, no per-stage synchronisation or records, the library's own GraphedModel."""
+        """Inside: no hooks, no per-stage synchronisation or records, the library's own GraphedModel (the bench's
+        counting subclass while ``CountingGraphedModel.trace`` is on: a clock read and an append per sampler call,
+        no FLOPs, so a plain run's calls can be traced too)."""
         from trellis2.trellis2_core.pipeline import guidance
 
         self.counter.detach()
         self._hooked.clear()  # re-attached at the next instrumented use
         self.is_plain, graphed = True, guidance.GraphedModel
-        guidance.GraphedModel = GraphedModel
+        guidance.GraphedModel = GraphedModel if CountingGraphedModel.trace is None else CountingGraphedModel
         try:
             yield
         finally:
@@ -301,7 +303,8 @@ class TimedComponents(Components):
 
     @contextlib.contextmanager
     def use(self, role: str):
-        if self.is_plain:  # only the profiler's stage range (free unless a profiler runs: --gaps)
+        if self.is_plain:  # only the profiler's stage range (free unless a profiler runs: --gaps) and the trace's name
+            CountingGraphedModel.stage = role
             with super().use(role) as model, torch.profiler.record_function(f"stage {role}"):
                 yield model
             return
@@ -314,16 +317,16 @@ class TimedComponents(Components):
                 self.counter.attach(model)
                 self._hooked.add(id(model))
             torch.cuda.synchronize()
-            t1 = time.perf_counter()
+            t1, at1 = time.perf_counter(), time.time()
             f0 = self.counter.flops
             with torch.profiler.record_function(f"stage {role}"):  # names the stage in a profile (--gaps)
                 yield model
             torch.cuda.synchronize()
-            t2 = time.perf_counter()
+            t2, at2 = time.perf_counter(), time.time()
             peak = torch.cuda.max_memory_allocated()
         torch.cuda.synchronize()
         self.records.append(dict(role=role, load=t1 - t0, run=t2 - t1, release=time.perf_counter() - t2,
-                                 peak=peak, flops=self.counter.flops - f0))  # fmt: skip
+                                 peak=peak, flops=self.counter.flops - f0, at=(at1, at2)))  # fmt: skip
 
     def _release(self, role: str) -> None:
         """``pinned``: offload keeps one pinned CPU copy of the (never changing) weights and only drops the GPU

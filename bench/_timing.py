@@ -1,6 +1,10 @@
 """Timing helpers shared by the benchmark scripts (CUDA only)."""
 
+import datetime
+import shutil
 import statistics
+import subprocess
+import tempfile
 
 import torch
 
@@ -39,11 +43,67 @@ def graph_time(fn, reps: int = 10, inner: int = 1) -> float:
         del graph
 
 
-def matmul_ceiling() -> float:
-    """bf16 TFLOP/s of an 8192^3 torch.mm on random data (the matrix-unit ceiling of this GPU and stack)."""
+def matmul_ceiling(reps: int = 20) -> float:
+    """bf16 TFLOP/s of an 8192^3 torch.mm on random data (the matrix-unit ceiling of this GPU and stack): the
+    median of ``reps`` back-to-back products. 20 (~30 ms) is a burst; a few hundred run long enough for the
+    board's power limit to lower the clocks (H100 SXM, 700 W: 771 -> 671 TFLOP/s)."""
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    t = cuda_time(lambda: torch.mm(a, b), reps=20, warm=5)
+    t = cuda_time(lambda: torch.mm(a, b), reps=reps, warm=5)
     return 2 * 8192**3 / t / 1e12
+
+
+class PowerLog:
+    """SM clock, board power and the power-cap throttle flag of one GPU, sampled every ``ms`` by ``nvidia-smi`` in a
+    process of its own (no GIL shared with the run it watches). ``window(t0, t1)`` summarises the samples between two
+    ``time.time()`` stamps. ``PowerLog.start(device)`` is None where nvidia-smi is missing."""
+
+    FIELDS = ("clocks_event_reasons.sw_power_cap", "clocks_throttle_reasons.sw_power_cap")  # newer, older drivers
+
+    def __init__(self, uuid: str, ms: int, cap_field: str):
+        self._out = tempfile.NamedTemporaryFile("w+", suffix=".csv")
+        query = f"timestamp,clocks.sm,power.draw,{cap_field}"
+        cmd = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-lms", str(ms), "-i", uuid]
+        self._proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.DEVNULL)
+
+    @classmethod
+    def start(cls, device: torch.device, ms: int = 50) -> "PowerLog | None":
+        if shutil.which("nvidia-smi") is None:
+            return None
+        uuid = f"GPU-{torch.cuda.get_device_properties(device).uuid}"
+        for field in cls.FIELDS:
+            probe = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader", "-i", uuid],
+                                   capture_output=True, text=True)  # fmt: skip
+            if probe.returncode == 0:
+                return cls(uuid, ms, field)
+        return None
+
+    def window(self, t0: float, t1: float) -> dict | None:
+        """Mean SM MHz, mean W and the share of samples at the power cap between t0 and t1 (None: no sample)."""
+        self._out.flush()
+        rows = []
+        with open(self._out.name) as f:
+            for line in f:
+                parts = [p.strip() for p in line.split(",")]
+                try:
+                    at = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                    rows.append((at, float(parts[1]), float(parts[2]), parts[3].lower() == "active"))
+                except (ValueError, IndexError):
+                    continue
+        inside = [r for r in rows if t0 <= r[0] <= t1]
+        if not inside:
+            return None
+        n = len(inside)
+        return dict(mhz=sum(r[1] for r in inside) / n, watts=sum(r[2] for r in inside) / n,
+                    cap=sum(r[3] for r in inside) / n, samples=n)  # fmt: skip
+
+    @staticmethod
+    def format(w: dict | None) -> str:
+        return "  (no samples)" if w is None else f"{w['mhz']:6.0f} {w['watts']:5.0f} {100 * w['cap']:5.0f}"
+
+    def close(self) -> None:
+        self._proc.terminate()
+        self._proc.wait()
+        self._out.close()
 
 
 def kernel_totals(prof) -> tuple[float, list[tuple[str, int, float]]]:

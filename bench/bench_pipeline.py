@@ -1,15 +1,15 @@
 """End-to-end sampling + decode benchmark of every pipeline type at official size (random weights), on CUDA.
 
     python3 bench/bench_pipeline.py                                   # all types, unconstrained, + sparse-conv table
-    python3 bench/bench_pipeline.py --vram-budget 12 --types 1024_cascade --no-kernels --pinned  # issue 9: 12 GB
-    python3 bench/bench_pipeline.py --vram-budget 8 --types 512 --no-kernels --pinned            # issue 9: 8 GB
+    python3 bench/bench_pipeline.py --vram-budget 12 --types 1024_cascade --no-kernels --pinned  # issue 9: 12 GiB
+    python3 bench/bench_pipeline.py --vram-budget 8 --types 512 --no-kernels --pinned            # issue 9: 8 GiB
 
 Models are built from tests/data/manifests (meta -> cuda, random normals); structures are fixed sphere shells
 (bench/_models.py SHELLS: ~3k tokens at 512, ~12.5k HR tokens at 1024_cascade, ~49k at 1536_cascade) and the
 random shape decoder is made to subdivide onto the same shell, so voxel counts are realistic and repeatable.
 Sampling uses pipeline.json's samplers (12 steps, official guidance); conditioning is random [1,1029,1024] and
 [1,4101,1024]. Per stage: time, matrix FLOPs (hooks; sparse convs counted at all 27 taps), TFLOP/s and % of a bf16
-torch.mm ceiling measured in the same run, peak memory. ``--vram-budget GB`` caps the caching allocator with
+torch.mm ceiling measured in the same run, peak memory. ``--vram-budget GIB`` caps the caching allocator with
 torch.cuda.set_per_process_memory_fraction and uses the 'offload' component policy (weights in CPU RAM between
 stages; ``--pinned`` keeps one pinned CPU copy and uploads from it, see _models.TimedComponents). The warm-up run
 (1024_cascade when a cascade is asked for, else 512) compiles/autotunes the kernels and loads every model first.
@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models as M  # noqa: E402
-from _timing import cuda_time, matmul_ceiling  # noqa: E402
+from _timing import PowerLog, cuda_time, matmul_ceiling  # noqa: E402
 
 from trellis2.kernels import sparse_conv as spconv  # noqa: E402
 from trellis2.trellis2_core.pipeline import guidance  # noqa: E402
@@ -38,7 +39,7 @@ from trellis2.trellis2_core.pipeline.decode import decode_material, decode_shape
 from trellis2.trellis2_core.pipeline.material import sample_material  # noqa: E402
 from trellis2.trellis2_core.pipeline.shape import sample_shape  # noqa: E402
 from trellis2.trellis2_core.pipeline.structure import sample_structure  # noqa: E402
-from trellis2.trellis2_core.pipeline.memory import plan_memory  # noqa: E402
+from trellis2.trellis2_core.pipeline.memory import plan_memory, prefer_expandable_segments  # noqa: E402
 from trellis2.trellis2_core.pipeline.types import Conditioning, Structure, plan  # noqa: E402
 from trellis2.trellis2_core.sampling import SamplerParams  # noqa: E402
 
@@ -50,6 +51,7 @@ SHORT = {
     "shape_slat_decoder": "shape_dec", "tex_slat_decoder": "tex_dec",
 }  # fmt: skip
 LOG: list[dict] = []
+POWER: PowerLog | None = None  # --power: clocks and board power per stage / run
 
 
 def emit(line: str, **row) -> None:
@@ -124,7 +126,7 @@ def run_pipeline(ptype: str, comps: M.TimedComponents, cond: Conditioning, shell
     comps.records.clear()
     g = torch.Generator().manual_seed(0)
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, at0 = time.perf_counter(), time.time()
     sample_structure(comps, cond, resolution=p.structure_resolution, params=sampler("sparse_structure"), generator=g)
     structure = Structure(coords=M.shell_coords(32, rho, w, comps.device), resolution=32)  # fixed, not the random one
     shape = sample_shape(
@@ -138,16 +140,17 @@ def run_pipeline(ptype: str, comps: M.TimedComponents, cond: Conditioning, shell
     geometry = decode_shape(comps, shape)
     ovoxel = decode_material(comps, material, geometry)
     torch.cuda.synchronize()
-    return dict(wall=time.perf_counter() - t0, lr_tokens=structure.num_voxels, hr_tokens=len(shape.latent),
+    return dict(wall=time.perf_counter() - t0, at=(at0, time.time()), lr_tokens=structure.num_voxels, hr_tokens=len(shape.latent),
                 resolution=shape.resolution, voxels=ovoxel.num_voxels)  # fmt: skip
 
 
 def report(ptype: str, info: dict, comps: M.TimedComponents, ceiling: float, budget: float | None) -> None:
     pol = comps.policy + (" pinned" if comps.pinned else "")
-    tag = f"budget {budget:g} GB, policy {pol}" if budget else f"unconstrained, policy {pol}"
+    tag = f"budget {budget:g} GiB, policy {pol}" if budget else f"unconstrained, policy {pol}"
     emit(f"\n## {ptype} ({tag}): {info['lr_tokens']} LR tokens, {info['hr_tokens']} final-latent tokens, "
          f"R={info['resolution']}, {info['voxels']} decoded voxels")  # fmt: skip
-    emit(f"{'stage':<20} {'load_s':>7} {'run_s':>8} {'TFLOP':>8} {'TFLOP/s':>8} {'%ceil':>6} {'peak_GiB':>8}")
+    watch = f" {'MHz':>6} {'W':>5} {'cap%':>5}" if POWER else ""
+    emit(f"{'stage':<20} {'load_s':>7} {'run_s':>8} {'TFLOP':>8} {'TFLOP/s':>8} {'%ceil':>6} {'peak_GiB':>8}{watch}")
     seen: dict[str, int] = {}
     for r in comps.records:
         name = SHORT.get(r["role"], r["role"])
@@ -156,12 +159,16 @@ def report(ptype: str, info: dict, comps: M.TimedComponents, ceiling: float, bud
             name = "shape_dec.upsample"
         tf = r["flops"] / 1e12
         rate = tf / r["run"] if r["run"] > 0 else 0.0
+        power = POWER.window(*r["at"]) if POWER else None
         emit(f"{name:<20} {r['load'] + r['release']:7.2f} {r['run']:8.3f} {tf:8.1f} {rate:8.1f} {100 * rate / ceiling:6.1f} "
-             f"{r['peak'] / GIB:8.2f}", kind="stage", ptype=ptype, stage=name, budget=budget, **r)  # fmt: skip
+             f"{r['peak'] / GIB:8.2f}" + (" " + POWER.format(power) if POWER else ""),
+             kind="stage", ptype=ptype, stage=name, budget=budget, power=power, **r)  # fmt: skip
     flops = sum(r["flops"] for r in comps.records) / 1e12
+    power = POWER.window(*info["at"]) if POWER and "at" in info else None
     emit(f"{'TOTAL (wall)':<20} {'':7} {info['wall']:8.3f} {flops:8.1f} {flops / info['wall']:8.1f} "
-         f"{100 * flops / info['wall'] / ceiling:6.1f} {torch.cuda.max_memory_reserved() / GIB:8.2f} (reserved)",
-         kind="total", ptype=ptype, budget=budget, ceiling=ceiling, **info)  # fmt: skip
+         f"{100 * flops / info['wall'] / ceiling:6.1f} {torch.cuda.max_memory_reserved() / GIB:8.2f}"
+         + (" " + POWER.format(power) if POWER else "") + " (reserved GiB)",
+         kind="total", ptype=ptype, budget=budget, ceiling=ceiling, power=power, **info)  # fmt: skip
 
 
 def print_trace(ptype: str, wall: float, trace: list) -> None:
@@ -205,6 +212,24 @@ def print_gaps(ptype: str, wall: float, prof, top: int = 12) -> None:
              f"             after {before[:60]}  before {after[:60]}")  # fmt: skip
 
 
+def print_live_blocks(snapshot: dict, top: int = 12) -> None:
+    """The allocator's live blocks at an OOM, summed per allocating site (innermost frames of this package)."""
+    sites: dict[str, list] = {}
+    reserved = sum(seg["total_size"] for seg in snapshot["segments"])
+    for seg in snapshot["segments"]:
+        for block in seg["blocks"]:
+            if block["state"] == "active_allocated":
+                frames = [f for f in block.get("frames", []) if "trellis2" in f["filename"]][:3]
+                site = " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in frames) or "?"
+                row = sites.setdefault(site, [0, 0])
+                row[0] += block["size"]
+                row[1] += 1
+    live = sum(size for size, _ in sites.values())
+    emit(f"  live {live / GIB:.2f} GiB of {reserved / GIB:.2f} GiB reserved; largest sites:")
+    for site, (size, n) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:top]:
+        emit(f"  {size / GIB:7.3f} GiB x{n:<4d} {site[:160]}")
+
+
 def print_syncs(ptype: str, comps: M.TimedComponents, cond: Conditioning, top: int = 15) -> None:
     """One plain run with torch's sync debug mode on: every host<->device synchronisation the pipeline makes (item,
     nonzero, D2H copies, ...), counted per calling line of this package (innermost three frames)."""
@@ -235,7 +260,7 @@ def print_syncs(ptype: str, comps: M.TimedComponents, cond: Conditioning, top: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--types", nargs="*", default=["512", "1024_cascade", "1536_cascade"])
-    ap.add_argument("--vram-budget", type=float, default=None, metavar="GB", help="cap GPU memory (issue 9)")
+    ap.add_argument("--vram-budget", type=float, default=None, metavar="GIB", help="cap GPU memory (issue 9)")
     ap.add_argument("--policy", default=None, choices=["keep", "offload", "free"],
                     help="default: keep, offload with a budget")  # fmt: skip
     ap.add_argument("--pinned", action="store_true", help="offload: keep a pinned CPU copy, upload from it")
@@ -257,6 +282,13 @@ def main() -> None:
                          "time a user's run sees")  # fmt: skip
     ap.add_argument("--syncs", action="store_true",
                     help="one more plain run under torch.cuda.set_sync_debug_mode: where the host waits for the GPU")
+    ap.add_argument("--power", action="store_true",
+                    help="sample SM clock, board power and the power-cap flag (nvidia-smi, every 50 ms): per stage "
+                         "and per plain run")  # fmt: skip
+    ap.add_argument("--host-trace", default=None, metavar="PREFIX",
+                    help="profile one more plain run with CPU ops and Python stacks; Chrome trace to PREFIX.<type>.json")
+    ap.add_argument("--memory-snapshot", default=None, metavar="FILE",
+                    help="record allocations (Python stacks) and dump the allocator snapshot to FILE on OOM")
     ap.add_argument("--plan", action="store_true",
                     help="with --vram-budget: run under the engine's memory plan for it (streaming, chunked decoders)")  # fmt: skip
     args = ap.parse_args()
@@ -266,17 +298,24 @@ def main() -> None:
         os.environ["TRELLIS2_ATTENTION_BACKEND"] = args.attention
     dev = torch.device("cuda")
     props = torch.cuda.get_device_properties(dev)
-    if args.vram_budget:
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_budget * 1e9 / props.total_memory))
+    if args.vram_budget:  # GiB, as the engine's vram_budget and memory plan count it
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.vram_budget * GIB / props.total_memory))
+    if args.memory_snapshot:
+        torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
     import triton
 
-    ceiling = matmul_ceiling()
+    global POWER
+    POWER = PowerLog.start(dev) if args.power else None
+    if args.power and POWER is None:
+        emit("# --power: nvidia-smi not found or it cannot report the power-cap flag; no power columns")
+    ceiling, sustained = matmul_ceiling(), matmul_ceiling(reps=400)
     torch.cuda.empty_cache()
     emit(f"# {props.name}, {props.total_memory / GIB:.0f} GiB, torch {torch.__version__}, triton {triton.__version__}, "
-         f"sparse-conv backend auto -> {spconv.resolve_backend(dev)}; bf16 mm ceiling {ceiling:.0f} TFLOP/s; "
+         f"sparse-conv backend auto -> {spconv.resolve_backend(dev)}; bf16 mm ceiling {ceiling:.0f} TFLOP/s (burst of "
+         f"20; %ceil is against it), {sustained:.0f} sustained (400 back-to-back); "
          f"CUDA graphs {'off' if args.no_graphs else 'on'}; attention {args.attention or 'auto'}; "
          f"DiT weights {'fp8 e4m3' if args.fp8 else 'bf16'}",
-         kind="device", name=props.name, ceiling=ceiling)  # fmt: skip
+         kind="device", name=props.name, ceiling=ceiling, sustained=sustained)  # fmt: skip
     if not args.no_kernels:
         conv_table(ceiling)
     policy = args.policy or ("offload" if args.vram_budget else "keep")
@@ -286,6 +325,8 @@ def main() -> None:
             raise SystemExit("--plan needs --vram-budget and one --types entry")
         mem_plan = plan_memory(M.official_sizes(args.fp8), dev, args.vram_budget, pipeline_type=args.types[0])
         policy = mem_plan.policy
+        if prefer_expandable_segments(dev):  # as the engine's components_for does under a budget
+            emit("# allocator: expandable segments (the engine's choice under a budget)")
         emit(f"# memory plan: {mem_plan.summary()}")
     loaders = {role: (lambda r=role: M.build(r, dev, fp8=args.fp8)) for role in M.ROLES}
     comps = M.TimedComponents(loaders, dev, policy=policy, pinned=args.pinned, plan=mem_plan)
@@ -311,11 +352,29 @@ def main() -> None:
             if args.plain:
                 with comps.plain():  # with --vary-tokens: shells no earlier run had
                     scales = [1 + 0.02 * (args.repeat + i + 1) if args.vary_tokens else 1.0 for i in range(args.plain)]
-                    walls = sorted(run_pipeline(ptype, comps, cond, s)["wall"] for s in scales)
+                    infos = []
+                    for s in scales:
+                        M.CountingGraphedModel.trace = [] if args.trace else None
+                        infos.append(run_pipeline(ptype, comps, cond, s))
+                        if args.trace:
+                            print_trace(f"{ptype} plain", infos[-1]["wall"], M.CountingGraphedModel.trace)
+                    infos.sort(key=lambda i: i["wall"])
+                walls = [i["wall"] for i in infos]
                 emit(f"\n{ptype}: {len(walls)} plain runs (no stage records), wall s " + " ".join(f"{w:.3f}" for w in walls),
                      kind="plain", ptype=ptype, walls=walls)  # fmt: skip
+                if POWER:
+                    emit("  per run (s, mean SM MHz, mean W, % of samples at the power cap): " + "; ".join(
+                        f"{i['wall']:.3f}: {POWER.format(POWER.window(*i['at'])).strip()}" for i in infos))
             if args.syncs:
                 print_syncs(ptype, comps, cond)
+            if args.host_trace:
+                from torch.profiler import ProfilerActivity, profile
+
+                with comps.plain(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+                    run_pipeline(ptype, comps, cond)
+                path = f"{args.host_trace}.{ptype}.json"
+                prof.export_chrome_trace(path)
+                emit(f"\n# host trace of a plain {ptype} run (CPU ops with Python stacks, CUDA kernels): {path}")
             if args.gaps:
                 with comps.plain(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                     wall = run_pipeline(ptype, comps, cond)["wall"]
@@ -329,10 +388,18 @@ def main() -> None:
                      kind="repeat", ptype=ptype, walls=[w for w, _, _ in runs])  # fmt: skip
             report(ptype, info, comps, ceiling, args.vram_budget)
         except torch.OutOfMemoryError as e:
-            emit(f"\n## {ptype}: OOM ({str(e)[:200]})", kind="oom", ptype=ptype, budget=args.vram_budget)
+            emit(f"\n## {ptype}: OOM ({str(e).splitlines()[0][:400]})", kind="oom", ptype=ptype, budget=args.vram_budget)
+            where = [f for f in traceback.extract_tb(e.__traceback__) if "trellis2" in f.filename][-4:]
+            emit("  raised in: " + " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(where)))
+            if args.memory_snapshot:
+                torch.cuda.memory._dump_snapshot(args.memory_snapshot)
+                emit(f"  allocator snapshot (live blocks with Python stacks): {args.memory_snapshot}")
+                print_live_blocks(torch.cuda.memory._snapshot())
             failed = dict(wall=float("nan"), lr_tokens=-1, hr_tokens=-1, resolution=-1, voxels=-1)
             report(ptype, failed, comps, ceiling, args.vram_budget)
         torch.cuda.empty_cache()
+    if POWER:
+        POWER.close()
     if args.log:
         with open(args.log, "a") as f:
             for row in LOG:

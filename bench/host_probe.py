@@ -1,6 +1,6 @@
 """Host-side (CPU) costs of the DiT path on this GPU's machine: captures, first calls, launches.
 
-    python3 bench/host_probe.py [--overlap] [--host] [--first-call] [--linear]
+    python3 bench/host_probe.py [--overlap] [--host [--fp8]] [--first-call] [--linear]
     python3 bench/host_probe.py --capture-first [MODE]     (alone, in a fresh process)
 
   overlap        a CUDA-graph capture behind queued replays: torch.cuda.graph (synchronises) vs a bare capture
@@ -157,20 +157,22 @@ def host_table() -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
-def host_slat_table() -> None:
+def host_slat_table(fp8: bool = False) -> None:
     """Where the host's time goes when capturing an SLat forward (2,984 tokens, the guided pair B=2, as at 512):
-    wall of an eager enqueue and of a capture, then cProfile of one capture by own time (Python and torch calls)."""
+    wall of an eager enqueue and of a capture, then cProfile of one capture by own time (Python and torch calls).
+    fp8: the same with the engine's fp8 DiT weights (nn/fp8.py)."""
     import cProfile
     import pstats
     import time
 
     dev = torch.device("cuda")
-    sl = M.build("shape_slat_flow_model_512", dev)
+    sl = M.build("shape_slat_flow_model_512", dev, fp8=fp8)
     c1 = M.shell_coords(32, 0.36, 0.0, dev)
     coords = M.batched(c1, 2)
     xs = SparseTensor(torch.randn(coords.shape[0], 32, device=dev), coords)
     t, cond = torch.full((2,), 800.0, device=dev), torch.randn(2, 1029, CTX, device=dev)
-    print(f"\n## host: SLat forward {c1.shape[0]} tokens B=2 (eager enqueue, capture), ms")
+    print(f"\n## host: SLat forward {c1.shape[0]} tokens B=2, {'fp8' if fp8 else 'bf16'} weights (eager enqueue, "
+          "capture), ms")
     with torch.no_grad():
         for _ in range(3):
             sl(xs, t, cond, zero_cond_from=1)
@@ -307,6 +309,7 @@ def main() -> None:
     ap.add_argument("--host", action="store_true", help="host costs of an eager SS forward and of an SLat capture")
     ap.add_argument("--first-call", action="store_true", help="first-call costs of new token counts per backend")
     ap.add_argument("--linear", action="store_true", help="F.linear host enqueue cost per BLAS library")
+    ap.add_argument("--fp8", action="store_true", help="with --host: the SLat capture with fp8 DiT weights too")
     ap.add_argument("--capture-first", nargs="?", const="thread_local", default=None, metavar="MODE",
                     help="only: capture a first-ever forward (fresh process); MODE: capture_error_mode")  # fmt: skip
     args = ap.parse_args()
@@ -322,6 +325,8 @@ def main() -> None:
     if args.host:
         host_table()
         host_slat_table()
+        if args.fp8:
+            host_slat_table(fp8=True)
     if args.first_call:
         first_call_table()
     if args.linear:
