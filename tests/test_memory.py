@@ -15,7 +15,7 @@ from trellis2.trellis2_core.models import from_config
 from trellis2.trellis2_core.models.decoder_chunking import chunk_decoder, decoder_chunk_rows
 from trellis2.trellis2_core.models.sparse_unet_vae import SparseConvNeXtBlock3d, SparseResBlockC2S3d
 from trellis2.trellis2_core.nn.streaming import stream_blocks, streamer_of, unstream
-from trellis2.trellis2_core.pipeline import Components
+from trellis2.trellis2_core.pipeline import Components, memory
 from trellis2.trellis2_core.pipeline.memory import (
     DINOV3_VITL16_BYTES, GiB, IMAGE_COND, MemoryPlan, ModelSize, budget_bytes, decoder_activation_bytes,
     dit_activation_bytes, parse_vram_budget, plan_memory, sizes_from_manifests,
@@ -116,6 +116,29 @@ def test_budget_options(monkeypatch):
     assert budget_bytes("auto", "cpu") is None and budget_bytes(2, "cpu") == 2 * GiB
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (3 * GiB, 12 * GiB))
     assert budget_bytes("auto", "cuda:0") == 12 * GiB  # read at call time: the card's total
+
+
+def test_a_budget_on_cuda_switches_the_allocator_to_expandable_segments_unless_configured(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    for name in memory.ALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert not memory.prefer_expandable_segments("cpu") and calls == []
+    assert memory.prefer_expandable_segments("cuda:0") and calls == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's own choice stands
+    assert not memory.prefer_expandable_segments("cuda") and len(calls) == 1
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")  # ComfyUI's default backend
+    assert not memory.prefer_expandable_segments("cuda") and len(calls) == 1
+
+    def refuse(_):
+        raise RuntimeError("expandable_segments not supported on this platform")
+
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refuse, raising=False)
+    assert not memory.prefer_expandable_segments("cuda")
 
 
 # ------------------------------------------------------------------------------------------------ streaming
