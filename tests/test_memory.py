@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -139,6 +142,24 @@ def test_a_budget_on_cuda_switches_the_allocator_to_expandable_segments_unless_c
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refuse, raising=False)
     assert not memory.prefer_expandable_segments("cuda")
+
+
+@pytest.mark.cuda
+def test_a_budget_gives_expandable_segments_on_the_gpu():
+    """On a real GPU, in a fresh process (the setting is process-wide): memory reserved after the switch comes in
+    expandable segments."""
+    code = (
+        "import torch\n"
+        "from trellis2.trellis2_core.pipeline.memory import prefer_expandable_segments\n"
+        "switched = prefer_expandable_segments('cuda')\n"
+        "x = torch.empty(256 << 20, dtype=torch.uint8, device='cuda')\n"
+        "print(switched, any(s.get('is_expandable') for s in torch.cuda.memory._snapshot()['segments']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in memory.ALLOC_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "True"], run.stdout + run.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------------------ streaming
