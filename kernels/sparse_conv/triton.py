@@ -21,6 +21,7 @@ Importing this module imports triton: only the dispatcher imports it, and only w
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -45,6 +46,12 @@ def _configs():
     return cfgs
 
 
+# The autotune choice per key is kept in Triton's cache dir (TRITON_CACHE_DIR, beside the compiled kernels): a new
+# process takes it from there instead of timing every config again (H100: the first 1024_cascade generation of a
+# process 20.1 -> 12.9 s, bench/RESULTS.md session 9). Triton < 3.2 has no such option and times them per process.
+_KEEP_CHOICES = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop tiles much wider than the channels (Ci=8 with BLOCK_K=64 would be 7/8 padding)."""
     ci, co = named_args["CI"], named_args["CO"]
@@ -58,6 +65,7 @@ def _prune(configs, named_args, **kwargs):
     key=["CI", "CO", "IS_FP32"],
     prune_configs_by={"early_config_prune": _prune},
     # Autotuning launches the kernel several times on the real output: harmless, it is written, never accumulated.
+    **_KEEP_CHOICES,
 )
 @triton.jit(do_not_specialize=["N"])  # N varies per level; CI/CO divisibility does matter
 def _subm_conv_kernel(
@@ -206,6 +214,7 @@ def _tap_chunk(acc, it, pid_m, pos64, pos_ok, col_ok, w_col, feats_ptr, nbr_ptr,
     configs=_tiled_configs(),
     key=["CI", "CO", "IS_FP32", "BLOCK_M"],
     prune_configs_by={"early_config_prune": _prune},
+    **_KEEP_CHOICES,
 )
 @triton.jit(do_not_specialize=["N"])
 def _subm_conv_tiled_kernel(
