@@ -2,6 +2,7 @@
 
     python3 bench/decoder_probe.py                      # 1024_cascade's decoders (12.5k latent voxels -> ~3.6 M)
     python3 bench/decoder_probe.py --type 512 --top 25
+    python3 bench/decoder_probe.py --memory             # peak memory per decode vs the memory planner's estimate
 
 Full-size random decoders from the manifests; the shape decoder subdivides onto the bench's sphere shell (as in
 bench_pipeline.py), the texture decoder follows its subdivisions. Times are CUDA-event times of one decode after a
@@ -147,12 +148,57 @@ def conv_table() -> None:
         torch.cuda.empty_cache()
 
 
+def memory_table() -> None:
+    """Peak memory of a decode above what was allocated before it (activations and output; weights and the
+    latent excluded) against the memory planner's estimate for the same latent and chunk rows."""
+    from trellis2.kernels import vae_norm
+    from trellis2.trellis2_core.models.decoder_chunking import chunk_decoder
+    from trellis2.trellis2_core.pipeline import memory as mem
+
+    dev, gib = torch.device("cuda"), 2**30
+    sizes = M.official_sizes(False)
+    decoders = {role: M.build(role, dev) for role in ("shape_slat_decoder", "tex_slat_decoder")}
+    fused = vae_norm.fused_available()  # as the planner decides for a CUDA device
+    print("\n## decoder peak memory above the start of the decode, GiB (measured | the memory planner's estimate)")
+    print(f"{'latent':>7} {'voxels':>9} {'decoder':<8} {'chunk':>8} {'measured':>9} {'estimate':>9}")
+    for grid, rho in ((64, 0.40), (64, 0.56), (96, 0.45)):
+        M.SHELL_NOW.update(rho=rho, w=0.0)
+        coords = M.shell_coords(grid, rho, 0.0, dev)
+        lat = SparseTensor(torch.randn(coords.shape[0], 32, device=dev), coords)
+        subs = None
+        for role, dec in decoders.items():
+            for chunk in (None, 1 << 20, 1 << 18):
+                chunk_decoder(dec, chunk)
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                with torch.no_grad():
+                    if role == "shape_slat_decoder":
+                        out, subs = dec(lat, return_subs=True)
+                    else:
+                        out = dec(lat, guide_subs=subs)
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - base
+                voxels = out.feats.shape[0]
+                del out
+                est = mem.decoder_activation_bytes(coords.shape[0], sizes[role], chunk, fused_norms=fused)
+                print(f"{coords.shape[0]:7d} {voxels:9d} {role.split('_')[0]:<8} {str(chunk):>8} {peak / gib:9.2f} "
+                      f"{est / gib:9.2f}", flush=True)  # fmt: skip
+            chunk_decoder(dec, None)
+        del lat, subs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--type", default="1024_cascade", choices=sorted(LATENT_GRID))
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--convs", action="store_true", help="first: the conv kernel per decoder level, current vs planned")
+    ap.add_argument("--memory", action="store_true", help="only: decode peak memory vs the memory planner's estimate")
     args = ap.parse_args()
+    if args.memory:
+        memory_table()
+        return
     if args.convs:
         conv_table()
     dev = torch.device("cuda")

@@ -19,7 +19,7 @@ from trellis2.trellis2_core.checkpoints import load_model
 from trellis2.trellis2_core.errors import InputError
 from trellis2.trellis2_core.nn import fp8 as nn_fp8
 from trellis2.trellis2_core.nn.fp8 import Fp8Linear, check_fp8_device, is_quantized, quantize_blocks
-from trellis2.trellis2_core.pipeline import Trellis2Pipeline
+from trellis2.trellis2_core.pipeline import Trellis2Pipeline, memory
 from trellis2.trellis2_core.pipeline.memory import (
     DINOV3_VITL16_BYTES, IMAGE_COND, ModelSize, plan_memory, sizes_from_manifests,
 )  # fmt: skip
@@ -138,7 +138,8 @@ def test_load_model_quantises_flows_only(tmp_path):
     assert not is_quantized(dec)
 
 
-def test_planner_counts_fp8_block_weights():
+def test_planner_counts_fp8_block_weights(monkeypatch):
+    monkeypatch.setattr(memory, "_fused_norms", lambda device: True)  # the CUDA decode, whether or not triton imports here
     man = json.loads((MANIFESTS / "slat_flow_img2shape_dit_1_3B_1024_bf16.json").read_text())
     bf16 = sizes_from_manifests({"x": man})["x"]
     f8 = sizes_from_manifests({"x": man}, fp8=True)["x"]
@@ -158,7 +159,7 @@ def test_planner_counts_fp8_block_weights():
 
     # every model stays resident where bf16 weights had to be offloaded between stages
     assert (plan(False, "512", 12).policy, plan(True, "512", 12).policy) == ("offload", "keep")
-    assert (plan(False, "1024_cascade", 24).policy, plan(True, "1024_cascade", 24).policy) == ("offload", "keep")
+    assert (plan(False, "1024_cascade", 16).policy, plan(True, "1024_cascade", 16).policy) == ("offload", "keep")
     assert plan(True, "512", None).peak_bytes < plan(False, "512", None).peak_bytes - 3 * 2**30
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -27,6 +28,14 @@ from trellis2.trellis2_core.sparse import SparseTensor
 
 HOST = 128 * GiB
 DIT_ROLE = "shape_slat_flow_model_512"
+
+
+@pytest.fixture(autouse=True)
+def fused_norms_on_cuda(monkeypatch):
+    """Plans for "cuda" assume the decoders' fused LayerNorm (Triton) whether or not triton imports here, so the
+    expectations below do not depend on this machine; ``test_plan_budgets_the_float32_copies_without_the_fused_norm``
+    covers the other case."""
+    monkeypatch.setattr(memory, "_fused_norms", lambda device: device.type == "cuda")
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +68,32 @@ def test_activation_formulas(sizes):
     c, h = dit.channels
     assert dit_activation_bytes(1, dit) == 2 * (3 * c + 2 * h) + 8 * c  # ~54 kB per token
     dec = sizes["shape_slat_decoder"]
-    full = decoder_activation_bytes(24576, dec)
-    assert decoder_activation_bytes(24576, dec, 2**20) < full  # chunking lowers the ConvNeXt peak
-    assert decoder_activation_bytes(49152, dec) > 1.9 * full  # linear in the tokens
+    assert dec.level_blocks == (4, 16, 8, 4, 0)  # the finest level has no ConvNeXt block
+    for fused in (False, True):
+        full = decoder_activation_bytes(24576, dec, fused_norms=fused)
+        assert decoder_activation_bytes(24576, dec, 2**20, fused_norms=fused) < full  # chunks lower the peak
+        assert decoder_activation_bytes(49152, dec, fused_norms=fused) > 1.9 * full  # linear in the tokens
+    # the fused norm holds no float32 copy; a level without blocks costs no ConvNeXt peak
+    assert decoder_activation_bytes(24576, dec, fused_norms=True) < decoder_activation_bytes(24576, dec)
+    every_level = dataclasses.replace(dec, level_blocks=(1,) * 5)
+    assert decoder_activation_bytes(24576, every_level, fused_norms=True) > decoder_activation_bytes(24576, dec, fused_norms=True)
+    # H100 (bench/decoder_probe.py --memory, the fused path): measured peaks above the decode's start, GiB, for
+    # (latent tokens, chunk rows); the estimate must cover each and stay within 25% of it.
+    measured = {(14120, None): 2.94, (14120, 2**20): 2.60, (14120, 2**18): 2.22, (18776, None): 3.54,
+                (18776, 2**20): 3.11, (18776, 2**18): 2.96, (40856, None): 7.59, (40856, 2**20): 6.34,
+                (40856, 2**18): 6.34}  # fmt: skip
+    for (tokens, rows), peak in measured.items():
+        est = decoder_activation_bytes(tokens, dec, rows, fused_norms=True) / GiB
+        assert peak <= est <= 1.25 * peak, (tokens, rows, peak, est)
 
 
 @pytest.mark.parametrize(
     "pipeline_type, budget, policy, stream, batched, chunked, fits",
     [
         ("1024_cascade", 80, "keep", False, True, False, True),
-        ("1024_cascade", 24, "offload", False, True, False, True),
+        ("1024_cascade", 24, "keep", False, True, False, True),  # a 24 GB card keeps every model on the GPU
         ("1024_cascade", 12, "offload", False, True, False, True),  # the issue's target (int32 neighbour maps: no chunking)
-        ("1024_cascade", 8, "offload", False, True, True, True),  # with the up blocks' LN + SiLU chunked too
+        ("1024_cascade", 8, "offload", False, True, False, True),  # the fused norms: no chunking needed either
         ("512", 80, "keep", False, True, False, True),
         ("512", 24, "keep", False, True, False, True),
         ("512", 12, "offload", False, True, False, True),
@@ -86,6 +109,33 @@ def test_plan_for_official_sizes(sizes, pipeline_type, budget, policy, stream, b
     assert p.decoder_roles == ("shape_slat_decoder", "tex_slat_decoder")
     stages = {s.role for s in p.stages}
     assert IMAGE_COND in stages and ("shape_slat_flow_model_1024" in stages) == (pipeline_type != "512")
+
+
+def test_plan_budgets_the_float32_copies_without_the_fused_norm(sizes, monkeypatch):
+    """Without the fused kernel (no triton, or TRELLIS2_VAE_NORM_BACKEND=torch) the decoders' LayerNorms make float32
+    copies: 1024_cascade at 8 GiB needs chunked decoding, with the kernel it does not."""
+    monkeypatch.setattr(memory, "_fused_norms", lambda device: False)
+    p8 = plan_memory(sizes, "cuda", 8, pipeline_type="1024_cascade", host_ram_bytes=HOST)
+    assert p8.fits and p8.decoder_chunk_voxels is not None
+    unfused = plan_memory(sizes, "cuda", None, pipeline_type="1024_cascade").stages[-1].activation_bytes
+    monkeypatch.setattr(memory, "_fused_norms", lambda device: True)
+    assert plan_memory(sizes, "cuda", 8, pipeline_type="1024_cascade", host_ram_bytes=HOST).decoder_chunk_voxels is None
+    assert plan_memory(sizes, "cuda", None, pipeline_type="1024_cascade").stages[-1].activation_bytes < unfused
+
+
+def test_the_fused_norm_is_assumed_only_where_it_would_run(monkeypatch):
+    monkeypatch.undo()  # the real decision, not the module's fixture
+    from trellis2.kernels import vae_norm
+
+    assert not memory._fused_norms(torch.device("cpu"))
+    monkeypatch.setenv(vae_norm.ENV_VAR, "torch")
+    assert not vae_norm.fused_available() and not memory._fused_norms(torch.device("cuda"))
+    monkeypatch.delenv(vae_norm.ENV_VAR)
+    assert not vae_norm.fused_available(torch.float32)  # float32 features stay on the reference
+    monkeypatch.setattr(vae_norm, "_triton_module", lambda required: None)  # no triton here
+    assert not vae_norm.fused_available()
+    monkeypatch.setattr(vae_norm, "_triton_module", lambda required: object())
+    assert vae_norm.fused_available() and memory._fused_norms(torch.device("cuda"))
 
 
 def test_plan_streams_and_unbatches_when_the_dit_does_not_fit(sizes):
@@ -314,7 +364,8 @@ def test_chunked_decoders_compute_the_same(decoders, rows):
         col = tex(latent, guide_subs=subs)
         blocks = sum(isinstance(m, (SparseConvNeXtBlock3d, SparseResBlockC2S3d)) for m in shape.modules())
         assert any(isinstance(m, SparseResBlockC2S3d) for m in shape.modules())
-        assert chunk_decoder(shape, rows) == blocks and chunk_decoder(tex, rows) > 0 and decoder_chunk_rows(shape) == rows
+        assert chunk_decoder(shape, rows) == blocks + 1 and chunk_decoder(tex, rows) > 0 and decoder_chunk_rows(shape) == rows
+        assert "output_head" in shape.__dict__ and "output_head" in tex.__dict__  # the output heads run chunked too
         try:
             raw_c, subs_c = shape(latent, return_subs=True)
             col_c = tex(latent, guide_subs=subs_c)

@@ -32,6 +32,14 @@ requested_backend = _switch.requested
 _triton_module = _switch.triton_module
 
 
+def fused_available(dtype: torch.dtype = torch.float16) -> bool:
+    """Whether a call on contiguous CUDA features of ``dtype`` would run the fused kernel under the backend in force
+    now (argument aside): for planners that budget the reference's float32 copies. Imports triton when it is asked."""
+    if requested_backend(None) == "torch" or dtype not in _HALF:
+        return False
+    return _triton_module(required=False) is not None
+
+
 def _pick(x: torch.Tensor, backend: str | None, weight, bias, out):
     """The triton module if this call should run there, else None (reference)."""
     name = requested_backend(backend)
@@ -82,6 +90,7 @@ __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "BackendUnavailableError",
+    "fused_available",
     "layer_norm_32",
     "reference",
     "requested_backend",

@@ -22,9 +22,14 @@ On CUDA half features the LayerNorm (+ SiLU) runs as one fused kernel (``kernels
 copy, and the up blocks' chunks are written back through its ``out=`` (no chunk-sized temporary at all); the
 byte counts above are those of the torch path (CPU, float32, or ``TRELLIS2_VAE_NORM_BACKEND=torch``).
 
+The output head (``SparseUnetVaeDecoder.output_head``: LayerNorm and the output layer in float32 over the finest level)
+holds ~(e + 8) N*C bytes whole: on CUDA, where the fused norms hold no float32 copy, it is the decode's peak (H100,
+``bench/decoder_probe.py --memory``: ~780 bytes per output voxel with the head whole, chunked or not the blocks).
+Chunked, it holds one chunk's copies and the small [N, out] result.
+
 ``chunk_decoder(model, rows)`` switches every ConvNeXt block and up block of a decoder (or encoder) to the
-chunked forward (up blocks: their ``conv2_input``); ``rows=None`` switches back. It sets an instance method; no
-parameter, name or state_dict key changes.
+chunked forward (up blocks: their ``conv2_input``), and a decoder's head; ``rows=None`` switches back. It sets an
+instance method; no parameter, name or state_dict key changes.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from ..sparse import SparseTensor
-from .sparse_unet_vae import SparseConvNeXtBlock3d, SparseResBlockC2S3d, _ln32
+from .sparse_unet_vae import SparseConvNeXtBlock3d, SparseResBlockC2S3d, SparseUnetVaeDecoder, _ln32
 
 _ROWS_ATTR = "_trellis2_chunk_rows"
 
@@ -56,6 +61,21 @@ def _chunked_forward(self: SparseConvNeXtBlock3d, x: SparseTensor) -> SparseTens
     return x.replace(out)
 
 
+def _chunked_head(self: SparseUnetVaeDecoder, feats: torch.Tensor) -> torch.Tensor:
+    """``SparseUnetVaeDecoder.output_head`` in row chunks of ``self._trellis2_chunk_rows`` into one preallocated output."""
+    rows = getattr(self, _ROWS_ATTR)
+    n = feats.shape[0]
+    if n <= rows:
+        return SparseUnetVaeDecoder.output_head(self, feats)
+    out = None
+    for r0 in range(0, n, rows):
+        part = SparseUnetVaeDecoder.output_head(self, feats[r0 : r0 + rows])
+        if out is None:
+            out = torch.empty((n, part.shape[1]), dtype=part.dtype, device=part.device)
+        out[r0 : r0 + rows] = part
+    return out
+
+
 def _chunked_conv2_input(self: SparseResBlockC2S3d, feats: torch.Tensor) -> torch.Tensor:
     """``SparseResBlockC2S3d.conv2_input`` in row chunks of ``self._trellis2_chunk_rows``, in place."""
     rows = getattr(self, _ROWS_ATTR)
@@ -70,13 +90,13 @@ _CHUNKED = {SparseConvNeXtBlock3d: ("forward", _chunked_forward), SparseResBlock
 
 
 def chunk_decoder(model: nn.Module, rows: int | None) -> int:
-    """Run ``model``'s ConvNeXt and up blocks in chunks of ``rows`` voxels (None: unchunked). Returns the blocks
-    changed."""
+    """Run ``model``'s ConvNeXt and up blocks, and a decoder's output head, in chunks of ``rows`` voxels (None:
+    unchunked). Returns the modules changed (blocks + 1 for a decoder)."""
     if rows is not None and (not isinstance(rows, int) or isinstance(rows, bool) or rows < 1):
         raise ValueError(f"chunk_decoder: rows must be a positive integer or None; got {rows!r}")
     count = 0
     for module in model.modules():
-        entry = _CHUNKED.get(type(module))
+        entry = ("output_head", _chunked_head) if isinstance(module, SparseUnetVaeDecoder) else _CHUNKED.get(type(module))
         if entry is None:
             continue
         name, chunked = entry

@@ -331,9 +331,15 @@ class SparseUnetVaeDecoder(nn.Module):
                     subs.append(sub)
                 else:
                     h = block(h)
-        io = self.output_layer.weight.dtype
-        out = h.replace(self.output_layer(F.layer_norm(h.feats.to(io), h.feats.shape[-1:])))
+        out = h.replace(self.output_head(h.feats))
         return (out, subs) if return_subs else out
+
+    def output_head(self, feats: torch.Tensor) -> torch.Tensor:
+        """The output head, per row: non-affine LayerNorm in the output layer's precision (float32 as released), then
+        the output layer. [N, C] -> [N, out]. ``models/decoder_chunking.py`` can run it in row chunks: its float32
+        copies are the largest tensors of a decode on CUDA (~640 bytes per output voxel at 64 channels)."""
+        io = self.output_layer.weight.dtype
+        return self.output_layer(F.layer_norm(feats.to(io), feats.shape[-1:]))
 
     @torch.no_grad()
     def upsample(self, x: SparseTensor, upsample_times: int) -> torch.Tensor:

@@ -11,13 +11,17 @@ released bf16/fp16 blocks; all byte counts are per token or voxel):
   hidden and GELU output [N, H]: ``N * (e*(3C + 2H) + 8C)`` (the 8C: fp32 LayerNorm/RMSNorm copies). Flash /
   memory-efficient SDPA keeps attention O(N). Batched CFG doubles N. 54 kB per token released.
 * SC-VAE decoder, latent of T tokens: level i has N_i = T * 4^i voxels (each x2 subdivision keeps ~4 of 8
-  children of a surface) and C_i channels. A ConvNeXt block peaks at ``11e * N*C`` (x, conv(x), LN out, MLP
-  hidden and SiLU at 4C), ``3e*N*C + rows*C*(8 + 9e)`` when chunked by ``rows`` (models/decoder_chunking.py).
-  An up block (C -> Co, N -> N' = 4N) peaks at ``max(e*(N*C + 8*N*Co + N'*Co), e*N*C + (3e + 8)*N'*Co)``;
-  chunked, its LN + SiLU stage is ``3e*N'*Co + rows*Co*(8 + 2e)`` instead of ``(3e + 8)*N'*Co``.
-  Neighbour maps cost 108 bytes per voxel (int32 [N, 27]) of the current and the previous level, the Triton
-  kernel's row-tile plan 112 more at levels of 128-256 channels, and the torch conv backend gathers up to 256
-  MiB more.
+  children of a surface) and C_i channels. A ConvNeXt block (levels that have any: the released decoders have
+  none at the finest) peaks at ``11e * N*C`` (x, conv(x), LN out, MLP hidden and SiLU at 4C), ``3e*N*C +
+  rows*C*(f + 9e)`` when chunked by ``rows`` (models/decoder_chunking.py). An up block (C -> Co, N -> N' = 4N)
+  peaks at ``max(e*(N*C + 8*N*Co + N'*Co), e*N*C + (3e + f)*N'*Co)``; chunked, its LN + SiLU stage is
+  ``3e*N'*Co + rows*Co*(f + 2e)``. f = 8 (the torch LayerNorm's float32 copies), 0 where the fused kernel runs
+  (``kernels/vae_norm``: CUDA, half features, triton importable, backend not forced to torch). The output head's
+  LayerNorm is float32 either way: ``N*C*e + 8*C*(N or rows) + 32*N`` at the finest level. Neighbour maps cost
+  108 bytes per voxel (int32 [N, 27]) of the level and the coarser ones (cached, x 4/3), the Triton kernel's
+  row-tile plan 112 more where a conv uses it, and the torch conv backend gathers up to 256 MiB more. H100,
+  fused path (``bench/decoder_probe.py --memory``): the estimates cover the measured peaks by 0-20% from 3.6 M to
+  10.4 M output voxels, whole and chunked (``tests/test_memory.py``).
 * DINOv3 and the dense sparse-structure decoder: 0.5 GiB each (small grids: 4101 tokens, 64^3 x 32 ch).
 
 Token counts per pipeline type (``DEFAULT_TOKENS``, override with ``tokens=``) are typical large objects, not
@@ -38,6 +42,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ...kernels import vae_norm
 from ...kernels.sparse_conv import PLAN_MAX_CI, PLAN_MIN_CO
 from ..checkpoints import read_model_config, read_safetensors_header
 from ..errors import InputError
@@ -77,6 +82,7 @@ class ModelSize:
     channels: tuple[int, ...] = ()  # dit: (C, H); sc_decoder: model_channels per level
     elem_bytes: int = 2
     resolution: int = 0  # dit: config resolution (the dense SS flow has resolution^3 tokens)
+    level_blocks: tuple[int, ...] = ()  # sc_decoder: ConvNeXt blocks per level (empty: every level has some)
 
     def streamed_bytes(self, prefetch: int) -> int:
         """Weights on the device while streaming: everything but the blocks, plus (1 + prefetch) largest blocks."""
@@ -118,7 +124,8 @@ class ModelSize:
         elif kind == "sc_decoder":
             channels = tuple(int(c) for c in args["model_channels"])
         block_bytes = tuple(blocks[i] for i in sorted(blocks)) if kind == "dit" else ()
-        return cls(role, kind, total, block_bytes, channels, elem, int(args.get("resolution", 0) or 0))
+        level_blocks = tuple(int(b) for b in args.get("num_blocks", ())) if kind == "sc_decoder" else ()
+        return cls(role, kind, total, block_bytes, channels, elem, int(args.get("resolution", 0) or 0), level_blocks)
 
 
 def sizes_from_files(files: Any, dtype: torch.dtype | None = None, fp8: bool = False) -> dict[str, ModelSize]:
@@ -157,22 +164,39 @@ def dit_activation_bytes(tokens: int, size: ModelSize) -> int:
     return tokens * (size.elem_bytes * (3 * c + 2 * h) + 8 * c)
 
 
-def decoder_activation_bytes(tokens: int, size: ModelSize, chunk_rows: int | None = None) -> int:
-    """Peak activation bytes of an SC-VAE decode of a ``tokens``-voxel latent (see the module docstring)."""
+def _maps(n: int) -> int:
+    """Neighbour maps of a level of n voxels and of the coarser levels before it (each 1/4 of the next): cached
+    with the sparse tensors, they live through the decode."""
+    return _NBR * n * 4 // 3
+
+
+def decoder_activation_bytes(tokens: int, size: ModelSize, chunk_rows: int | None = None, *, fused_norms: bool = False) -> int:
+    """Peak activation bytes of an SC-VAE decode of a ``tokens``-voxel latent (see the module docstring).
+
+    fused_norms: the LayerNorms run as ``kernels.vae_norm``'s fused kernel (CUDA half features), which holds no
+    float32 copy; the output head's float32 LayerNorm is float32 either way."""
     e, ch = size.elem_bytes, size.channels
+    blocks = size.level_blocks or (1,) * len(ch)
+    f32 = 0 if fused_norms else 8  # the torch LayerNorm's float32 copies, bytes per element
+
+    def whole(n: int) -> bool:
+        return chunk_rows is None or chunk_rows >= n
+
     peak = 0
     for i, c in enumerate(ch):
         n = tokens * 4**i
-        conv = 11 * e * n * c if chunk_rows is None or chunk_rows >= n else 3 * e * n * c + chunk_rows * c * (8 + 9 * e)
-        peak = max(peak, conv + 2 * _NBR * n + (_PLAN * n if PLAN_MIN_CO <= c <= PLAN_MAX_CI else 0))
+        if blocks[i]:  # ConvNeXt blocks at this level (the released decoders have none at the finest)
+            conv = 11 * e * n * c if whole(n) else 3 * e * n * c + chunk_rows * c * (f32 + 9 * e)
+            peak = max(peak, conv + 2 * _NBR * n + (_PLAN * n if PLAN_MIN_CO <= c <= PLAN_MAX_CI else 0))
         if i + 1 < len(ch):
             co, n2 = ch[i + 1], 4 * n
-            # before conv2: h, skip, conv2's output and LN + SiLU temporaries (fp32 x2, e x2), chunked or whole
-            ln = (3 * e + 8) * n2 * co if chunk_rows is None or chunk_rows >= n2 else 3 * e * n2 * co + chunk_rows * co * (8 + 2 * e)
+            # before conv2: h, skip, conv2's output and LN + SiLU temporaries (float32 x2, e x2), chunked or whole
+            ln = (3 * e + f32) * n2 * co if whole(n2) else 3 * e * n2 * co + chunk_rows * co * (f32 + 2 * e)
             up = max(e * (n * c + 8 * n * co + n2 * co), e * n * c + ln)
-            peak = max(peak, up + _NBR * (n + n2))
-    last = tokens * 4 ** (len(ch) - 1)
-    head = last * ch[-1] * (e + 8) + _NBR * last
+            peak = max(peak, up + _maps(n2) + (_PLAN * n if c <= PLAN_MAX_CI and 8 * co >= PLAN_MIN_CO else 0))
+    last, c = tokens * 4 ** (len(ch) - 1), ch[-1]
+    # the head: features (e), their float32 copy and LayerNorm (8), whole or per chunk, and a float32 result
+    head = last * c * e + (8 * c * (last if whole(last) else chunk_rows)) + 32 * last + _maps(last)
     return max(peak, head) + _CONV_GATHER
 
 
@@ -273,7 +297,13 @@ def _host_ram() -> int | None:
         return None
 
 
-def _stages(sizes: Mapping[str, ModelSize], pipeline_type: str, tokens: tuple[int, int]) -> list[tuple[str, str, Callable]]:
+def _fused_norms(device: torch.device) -> bool:
+    """Whether the decoders' LayerNorms will run as the fused kernel (no float32 copies) on ``device``."""
+    return device.type == "cuda" and vae_norm.fused_available()
+
+
+def _stages(sizes: Mapping[str, ModelSize], pipeline_type: str, tokens: tuple[int, int],
+            fused_norms: bool = False) -> list[tuple[str, str, Callable]]:  # fmt: skip
     """(stage, role, activation(batched_cfg, chunk_rows) -> bytes) for the roles of ``pipeline_type`` present in sizes."""
     p = pipeline_plan(pipeline_type)
     lr, hr = tokens
@@ -295,7 +325,7 @@ def _stages(sizes: Mapping[str, ModelSize], pipeline_type: str, tokens: tuple[in
     dit("material", p.tex_model, final)
     for role in SC_DECODERS:
         if role in sizes:
-            out.append((f"decode {role.split('_')[0]}", role, lambda b, r, s=sizes[role]: decoder_activation_bytes(final, s, r)))
+            out.append((f"decode {role.split('_')[0]}", role, lambda b, r, s=sizes[role]: decoder_activation_bytes(final, s, r, fused_norms=fused_norms)))
     return out
 
 
@@ -316,7 +346,7 @@ def plan_memory(sizes: Any, device: torch.device | str, vram_budget: Any, *, pip
     tok = DEFAULT_TOKENS[pipeline_type] if tokens is None else (tokens, tokens) if isinstance(tokens, int) else tuple(tokens)
     if len(tok) != 2 or any(not isinstance(t, int) or t < 1 for t in tok):
         raise InputError(f"tokens must be a positive int or a pair (first, last shape flow tokens); got {tokens!r}")
-    stages = _stages(sizes, pipeline_type, tok)
+    stages = _stages(sizes, pipeline_type, tok, _fused_norms(torch.device(device)))
     roles = sorted({r for _, r, _ in stages})
     dits = tuple(r for r in roles if sizes[r].kind == "dit")
     decoders = tuple(r for r in roles if sizes[r].kind == "sc_decoder")
