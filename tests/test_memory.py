@@ -121,6 +121,10 @@ def test_plan_budgets_the_float32_copies_without_the_fused_norm(sizes, monkeypat
     monkeypatch.setattr(memory, "_fused_norms", lambda device: True)
     assert plan_memory(sizes, "cuda", 8, pipeline_type="1024_cascade", host_ram_bytes=HOST).decoder_chunk_voxels is None
     assert plan_memory(sizes, "cuda", None, pipeline_type="1024_cascade").stages[-1].activation_bytes < unfused
+    # float32 decoders (dtype=torch.float32) stay on the reference LayerNorm: their copies are budgeted
+    f32 = {r: dataclasses.replace(m, elem_bytes=4) for r, m in sizes.items()}
+    whole = plan_memory(f32, "cuda", None, pipeline_type="1024_cascade").stages[-1]
+    assert whole.activation_bytes == decoder_activation_bytes(24576, f32["tex_slat_decoder"], fused_norms=False)
 
 
 def test_the_fused_norm_is_assumed_only_where_it_would_run(monkeypatch):

@@ -298,7 +298,8 @@ def _host_ram() -> int | None:
 
 
 def _fused_norms(device: torch.device) -> bool:
-    """Whether the decoders' LayerNorms will run as the fused kernel (no float32 copies) on ``device``."""
+    """Whether the decoders' LayerNorms will run as the fused kernel (no float32 copies) on ``device`` for half
+    features (float32 decoders never do: ``_stages`` checks the element size)."""
     return device.type == "cuda" and vae_norm.fused_available()
 
 
@@ -325,7 +326,7 @@ def _stages(sizes: Mapping[str, ModelSize], pipeline_type: str, tokens: tuple[in
     dit("material", p.tex_model, final)
     for role in SC_DECODERS:
         if role in sizes:
-            out.append((f"decode {role.split('_')[0]}", role, lambda b, r, s=sizes[role]: decoder_activation_bytes(final, s, r, fused_norms=fused_norms)))
+            out.append((f"decode {role.split('_')[0]}", role, lambda b, r, s=sizes[role]: decoder_activation_bytes(final, s, r, fused_norms=fused_norms and s.elem_bytes == 2)))
     return out
 
 
