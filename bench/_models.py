@@ -35,7 +35,7 @@ ROLES = PIPELINE["models"]  # role -> "ckpts/<name>" (manifest file = last path 
 
 def official_sizes(fp8: bool = False) -> dict:
     """{role: ModelSize} of the official pipeline from the manifests, plus DINOv3 ViT-L (for the memory planner)."""
-    from trellis2.trellis2_core.pipeline.memory import DINOV3_VITL16_BYTES, IMAGE_COND, ModelSize, sizes_from_manifests
+    from trellis2.trellis2_core.pipeline.model_sizes import DINOV3_VITL16_BYTES, IMAGE_COND, ModelSize, sizes_from_manifests
 
     manifests = {role: json.loads((MANIFESTS / f"{path.split('/')[-1]}.json").read_text()) for role, path in ROLES.items()}
     out = sizes_from_manifests(manifests, fp8=fp8)

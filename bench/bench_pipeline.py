@@ -39,7 +39,8 @@ from trellis2.trellis2_core.pipeline.decode import decode_material, decode_shape
 from trellis2.trellis2_core.pipeline.material import sample_material  # noqa: E402
 from trellis2.trellis2_core.pipeline.shape import sample_shape  # noqa: E402
 from trellis2.trellis2_core.pipeline.structure import sample_structure  # noqa: E402
-from trellis2.trellis2_core.pipeline.memory import plan_memory, prefer_expandable_segments  # noqa: E402
+from trellis2.trellis2_core.pipeline.allocator import prefer_expandable_segments  # noqa: E402
+from trellis2.trellis2_core.pipeline.memory import plan_memory  # noqa: E402
 from trellis2.trellis2_core.pipeline.types import Conditioning, Structure, plan  # noqa: E402
 from trellis2.trellis2_core.sampling import SamplerParams  # noqa: E402
 

@@ -81,6 +81,25 @@ def random_model(name: str, config: dict, *, device: str = "cpu", seed: int = 0,
     return m
 
 
+# A 3-block DiT config small enough for CPU tests of the flow models' plumbing (streaming, Components).
+TINY_DIT = {
+    "resolution": 4, "in_channels": 8, "out_channels": 8, "model_channels": 48, "cond_channels": 16,
+    "num_blocks": 3, "num_heads": 2, "mlp_ratio": 5.3334, "pe_mode": "rope", "share_mod": True,
+    "initialization": "scaled", "qk_rms_norm": True, "qk_rms_norm_cross": True, "dtype": "float32",
+}  # fmt: skip
+
+
+def tiny_slat_inputs():
+    """(x, t, cond) for a TINY_DIT SLatFlowModel: 37 random voxels of an 8^3 grid, one timestep, 5 context tokens."""
+    from trellis2.trellis2_core.sparse import SparseTensor
+
+    g = torch.Generator().manual_seed(1)
+    cells = torch.randperm(8**3, generator=g)[:37]
+    coords = torch.stack([torch.zeros_like(cells), cells // 64, cells // 8 % 8, cells % 8], 1).int()
+    x = SparseTensor(torch.randn(37, 8, generator=g), coords)
+    return x, torch.tensor([700.0]), torch.randn(1, 5, 16, generator=g)
+
+
 def check_backend_order(kernels, monkeypatch, call=None) -> None:
     """The call-time backend order every ``kernels/`` package shares (STYLE.md item 6, ``kernels/_backend.py``):
     argument > innermost ``use_backend`` context > environment variable (read at each call) > "auto", the

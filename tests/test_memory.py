@@ -1,4 +1,5 @@
-"""Memory: the planner for the official sizes, block streaming, chunked decoding, Components with a plan, options."""
+"""Memory: the planner for the official sizes, budgets and the allocator, chunked decoding, Components with a plan
+(block streaming: test_streaming.py)."""
 
 from __future__ import annotations
 
@@ -10,16 +11,15 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 
-from conftest import MANIFESTS, Golden, assert_close_rel
+from conftest import MANIFESTS, TINY_DIT, Golden, assert_close_rel, random_model, tiny_slat_inputs
 from trellis2.kernels.sparse_conv import reference as spconv
 from trellis2.trellis2_core.errors import InputError
 from trellis2.trellis2_core.models import from_config
 from trellis2.trellis2_core.models.decoder_chunking import chunk_decoder, decoder_chunk_rows
 from trellis2.trellis2_core.models.sparse_unet_vae import SparseConvNeXtBlock3d, SparseResBlockC2S3d
-from trellis2.trellis2_core.nn.streaming import stream_blocks, streamer_of, unstream
-from trellis2.trellis2_core.pipeline import Components, memory
+from trellis2.trellis2_core.nn.streaming import streamer_of
+from trellis2.trellis2_core.pipeline import Components, allocator, memory
 from trellis2.trellis2_core.pipeline.memory import (
     DINOV3_VITL16_BYTES, GiB, IMAGE_COND, MemoryPlan, ModelSize, budget_bytes, decoder_activation_bytes,
     dit_activation_bytes, parse_vram_budget, plan_memory, sizes_from_manifests,
@@ -180,22 +180,22 @@ def test_a_budget_on_cuda_switches_the_allocator_to_expandable_segments_unless_c
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", calls.append, raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
-    for name in memory.ALLOC_ENV:
+    for name in allocator.ALLOC_ENV:
         monkeypatch.delenv(name, raising=False)
-    assert not memory.prefer_expandable_segments("cpu") and calls == []
-    assert memory.prefer_expandable_segments("cuda:0") and calls == ["expandable_segments:True"]
+    assert not allocator.prefer_expandable_segments("cpu") and calls == []
+    assert allocator.prefer_expandable_segments("cuda:0") and calls == ["expandable_segments:True"]
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the user's own choice stands
-    assert not memory.prefer_expandable_segments("cuda") and len(calls) == 1
+    assert not allocator.prefer_expandable_segments("cuda") and len(calls) == 1
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")  # ComfyUI's default backend
-    assert not memory.prefer_expandable_segments("cuda") and len(calls) == 1
+    assert not allocator.prefer_expandable_segments("cuda") and len(calls) == 1
 
     def refuse(_):
         raise RuntimeError("expandable_segments not supported on this platform")
 
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
     monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refuse, raising=False)
-    assert not memory.prefer_expandable_segments("cuda")
+    assert not allocator.prefer_expandable_segments("cuda")
 
 
 @pytest.mark.cuda
@@ -204,133 +204,16 @@ def test_a_budget_gives_expandable_segments_on_the_gpu():
     expandable segments."""
     code = (
         "import torch\n"
-        "from trellis2.trellis2_core.pipeline.memory import prefer_expandable_segments\n"
+        "from trellis2.trellis2_core.pipeline.allocator import prefer_expandable_segments\n"
         "switched = prefer_expandable_segments('cuda')\n"
         "x = torch.empty(256 << 20, dtype=torch.uint8, device='cuda')\n"
         "print(switched, any(s.get('is_expandable') for s in torch.cuda.memory._snapshot()['segments']))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in memory.ALLOC_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in allocator.ALLOC_ENV}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.split() == ["True", "True"], run.stdout + run.stderr[-2000:]
-
-
-# ------------------------------------------------------------------------------------------------ streaming
-TINY_DIT = {
-    "resolution": 4, "in_channels": 8, "out_channels": 8, "model_channels": 48, "cond_channels": 16,
-    "num_blocks": 3, "num_heads": 2, "mlp_ratio": 5.3334, "pe_mode": "rope", "share_mod": True,
-    "initialization": "scaled", "qk_rms_norm": True, "qk_rms_norm_cross": True, "dtype": "float32",
-}  # fmt: skip
-
-
-def _dit(name: str = "SLatFlowModel", seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    m = from_config({"name": name, "args": TINY_DIT}, device="cpu").eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return m
-
-
-def _slat_inputs():
-    g = torch.Generator().manual_seed(1)
-    cells = torch.randperm(8**3, generator=g)[:37]
-    coords = torch.stack([torch.zeros_like(cells), cells // 64, cells // 8 % 8, cells % 8], 1).int()
-    x = SparseTensor(torch.randn(37, 8, generator=g), coords)
-    return x, torch.tensor([700.0]), torch.randn(1, 5, 16, generator=g)
-
-
-@pytest.mark.parametrize("prefetch", [0, 1, 2])
-def test_streaming_is_bit_identical_on_cpu(prefetch):
-    m = _dit()
-    x, t, cond = _slat_inputs()
-    dense, dt, dcond = torch.randn(2, 8, 4, 4, 4), torch.tensor([900.0, 10.0]), torch.randn(2, 3, 16)
-    ss = _dit("SparseStructureFlowModel", seed=2)
-    with torch.no_grad():
-        ref, ref_ss = m(x, t, cond).feats, ss(dense, dt, dcond)
-        before = {k: v.clone() for k, v in m.state_dict().items()}
-        streamer = stream_blocks(m, "cpu", prefetch=prefetch)
-        stream_blocks(ss, "cpu", prefetch=prefetch)
-        assert torch.equal(m(x, t, cond).feats, ref) and torch.equal(ss(dense, dt, dcond), ref_ss)
-        assert torch.equal(m(x, t, cond).feats, ref)  # a second forward (sampler steps) too
-    assert streamer.loads == 2 * 3 and streamer_of(m) is streamer
-    after = m.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert unstream(m) and streamer_of(m) is None and not unstream(m)
-    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in m.blocks)
-
-
-class _Toy(nn.Module):
-    """A small 'DiT': top-level layer, buffer, blocks of Linear + LayerNorm; records what its blocks run with."""
-
-    def __init__(self):
-        super().__init__()
-        self.input_layer = nn.Linear(4, 8)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)) for _ in range(3))
-        self.register_buffer("scale", torch.ones(8))
-        self.seen: list[int] = []
-        for b in self.blocks:  # inside the block's call, after its streaming pre-hook
-            b[0].register_forward_pre_hook(lambda mod, args: self.seen.append(mod.weight.data_ptr()))
-
-    def forward(self, x):
-        h = self.input_layer(x)
-        for b in self.blocks:
-            h = b(h) * self.scale
-        return h
-
-
-def test_streaming_moves_each_block_in_and_out():
-    # CPU holder, CPU device: the hooks still copy, so inside its forward a block runs on fresh tensors and
-    # outside it its parameters are the (same) held CPU tensors again; top-level layers never move.
-    m = _Toy()
-    x = torch.randn(2, 4)
-    with torch.no_grad():
-        ref = m(x)
-        held = [b[0].weight.data_ptr() for b in m.blocks]
-        top = m.input_layer.weight.data_ptr()
-        m.seen.clear()
-        stream_blocks(m, "cpu", prefetch=1)
-        assert [b[0].weight.data_ptr() for b in m.blocks] == held and m.input_layer.weight.data_ptr() == top
-        assert torch.equal(m(x), ref)
-    assert len(m.seen) == 3 and not set(m.seen) & set(held)  # ran on copies
-    assert [b[0].weight.data_ptr() for b in m.blocks] == held  # released again
-    # A forward that fails midway leaves its copies installed until release() (Components calls it).
-    m.blocks[1][1].register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="boom"), torch.no_grad():
-        m(x)
-    assert m.blocks[1][0].weight.data_ptr() != held[1] and streamer_of(m)._pending  # block 2 prefetched
-    streamer_of(m).release()
-    assert not streamer_of(m)._pending
-    assert [b[0].weight.data_ptr() for b in m.blocks] == held
-
-
-def test_streaming_argument_errors():
-    with pytest.raises(TypeError, match="ModuleList"):
-        stream_blocks(nn.Linear(2, 2), "cpu")
-    with pytest.raises(ValueError, match="prefetch"):
-        stream_blocks(_Toy(), "cpu", prefetch=-1)
-
-
-@pytest.mark.cuda
-def test_streaming_on_cuda_equals_resident():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    m = _dit()
-    x, t, cond = _slat_inputs()
-    with torch.no_grad():
-        resident = m.to("cuda")(x.to("cuda"), t, cond.cuda()).feats
-        m.to("cpu")
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        streamer = stream_blocks(m, "cuda", prefetch=1)
-        assert all(p.is_pinned() for p in m.blocks.parameters())
-        streamed = m(x.to("cuda"), t, cond.cuda()).feats
-        torch.cuda.synchronize()
-    assert torch.equal(streamed, resident) and streamer.loads == 3
-    assert all(p.device.type == "cpu" for p in m.blocks.parameters())
-    block_bytes = sum(p.numel() * p.element_size() for p in m.blocks.parameters())
-    assert torch.cuda.memory_allocated() - base < block_bytes  # blocks left the GPU again
 
 
 # ------------------------------------------------------------------------------------------------ chunked decoding
@@ -401,12 +284,12 @@ def test_components_follow_the_plan(decoders, policy):
 
     def dit_loader():
         loads.append(DIT_ROLE)
-        return _dit()
+        return random_model("SLatFlowModel", TINY_DIT)
 
     comps = Components({DIT_ROLE: dit_loader, "shape_slat_decoder": lambda: shape_dec}, "cpu", policy=policy, plan=_plan(policy))
     assert comps.batched_cfg is False and Components({}, "cpu").batched_cfg is True
-    x, t, cond = _slat_inputs()
-    ref = _dit()(x, t, cond).feats
+    x, t, cond = tiny_slat_inputs()
+    ref = random_model("SLatFlowModel", TINY_DIT)(x, t, cond).feats
     for _ in range(2):
         with comps.use(DIT_ROLE) as m, torch.no_grad():
             assert streamer_of(m) is not None
@@ -421,7 +304,7 @@ def test_components_follow_the_plan(decoders, policy):
 
 
 def test_components_without_a_plan_do_nothing_new():
-    m = _dit()
+    m = random_model("SLatFlowModel", TINY_DIT)
     comps = Components({DIT_ROLE: lambda: m}, "cpu", policy="offload")
     with comps.use(DIT_ROLE) as used:
         assert used is m and streamer_of(m) is None

@@ -3,8 +3,8 @@
     plan = plan_memory(files, "cuda", 12)             # PipelineFiles, {role: ModelSize}, or {role: manifest dict}
     comps = components_for(files, "cuda", None, 12)   # Components that follow the plan (what from_pretrained uses)
 
-Weights come from the checkpoints (safetensors headers: exact bytes per tensor; 'blocks.*' split out per
-block). Activations are rough peaks per stage, from the shapes involved (e = activation element size, 2 for the
+Weights come from the checkpoints (``model_sizes.py``: safetensors headers, exact bytes per tensor; 'blocks.*'
+split out per block). Activations are rough peaks per stage, from the shapes involved (e = activation element size, 2 for the
 released bf16/fp16 blocks; all byte counts are per token or voxel):
 
 * DiT at N tokens (C channels, H = MLP hidden; 1536 / 8192 released): the MLP holds x, h, out [N, C] and the
@@ -44,117 +44,24 @@ import torch
 
 from ...kernels import vae_norm
 from ...kernels.sparse_conv import PLAN_MAX_CI, PLAN_MIN_CO
-from ..checkpoints import read_model_config, read_safetensors_header
 from ..errors import InputError
 from ..nn.fp8 import check_fp8_device
+from .allocator import prefer_expandable_segments
 from .components import Components, Policy
+from .model_sizes import DINOV3_VITL16_BYTES, IMAGE_COND, ModelSize, sizes_from_files, sizes_from_manifests
 from .types import PIPELINE_TYPES, plan as pipeline_plan
 
 log = logging.getLogger(__name__)
 
 GiB = 2**30
-IMAGE_COND = "image_cond_model"  # same as trellis2.IMAGE_COND (not imported: trellis2.py imports this module)
 SS_FLOW, SS_DECODER = "sparse_structure_flow_model", "sparse_structure_decoder"
 SC_DECODERS = ("shape_slat_decoder", "tex_slat_decoder")
 DEFAULT_TOKENS = {"512": (8192, 8192), "1024": (24576, 24576), "1024_cascade": (8192, 24576), "1536_cascade": (8192, 49152)}
-_DIT = {"SparseStructureFlowModel", "SLatFlowModel", "ElasticSLatFlowModel"}
-_SC_DEC = {"FlexiDualGridVaeDecoder", "SparseUnetVaeDecoder"}
-_ITEM = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-         "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}  # fmt: skip
 _SMALL_STAGE = GiB // 2
 _CONV_GATHER = 256 * 2**20
 _NBR = 108  # int32 neighbour map bytes per voxel
 _PLAN = 112  # the sparse-conv row-tile plan per voxel (int32 [N, 27] map copy + row order) where convs use it
 _POLICY_ORDER = ("keep", "offload", "free")
-# DINOv3 ViT-L/16 (facebook/dinov3-vitl16-pretrain-lvd1689m): 303 M parameters, loaded in float32. For planning
-# from manifests, which do not list it; ``sizes_from_files`` reads the real header.
-DINOV3_VITL16_BYTES = 303_129_600 * 4
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSize:
-    """Weights of one role: total bytes, bytes per DiT block, and the shapes the activation formulas need."""
-
-    role: str
-    kind: str  # "dit", "sc_decoder", "ss_decoder", "image_cond", "other"
-    weight_bytes: int
-    block_bytes: tuple[int, ...] = ()  # per entry of ``blocks`` (DiTs)
-    channels: tuple[int, ...] = ()  # dit: (C, H); sc_decoder: model_channels per level
-    elem_bytes: int = 2
-    resolution: int = 0  # dit: config resolution (the dense SS flow has resolution^3 tokens)
-    level_blocks: tuple[int, ...] = ()  # sc_decoder: ConvNeXt blocks per level (empty: every level has some)
-
-    def streamed_bytes(self, prefetch: int) -> int:
-        """Weights on the device while streaming: everything but the blocks, plus (1 + prefetch) largest blocks."""
-        if not self.block_bytes:
-            return self.weight_bytes
-        window = sum(sorted(self.block_bytes, reverse=True)[: 1 + prefetch])
-        return self.weight_bytes - sum(self.block_bytes) + window
-
-    @classmethod
-    def from_tensors(cls, role: str, class_name: str, args: Mapping[str, Any], tensors: Mapping[str, tuple[str, tuple[int, ...]]],
-                     dtype: torch.dtype | None = None, fp8: bool = False) -> ModelSize:  # fmt: skip
-        """tensors: key -> (safetensors dtype string, shape). dtype: block precision the loader casts half tensors to.
-        fp8: a DiT's block Linear weights are stored e4m3 (1 byte per value + a float32 scale per output channel,
-        ``nn/fp8.py``)."""
-        kinds = {**dict.fromkeys(_DIT, "dit"), **dict.fromkeys(_SC_DEC, "sc_decoder"), "SparseStructureDecoder": "ss_decoder"}
-        kind = "image_cond" if role == IMAGE_COND else kinds.get(class_name, "other")
-        half = dtype.itemsize if dtype is not None else None
-        total, blocks, elem = 0, {}, 2
-        for key, (dt, shape) in tensors.items():
-            if key == "rope_phases":
-                continue  # recomputed, never loaded (checkpoints.py)
-            numel = 1
-            for s in shape:
-                numel *= s
-            size = half if (half is not None and dt in ("F16", "BF16")) else _ITEM.get(dt, 4)
-            nbytes = numel * size
-            if key.startswith("blocks."):
-                idx = int(key.split(".")[1]) if key.split(".")[1].isdigit() else 0
-                if len(shape) >= 2:
-                    elem = size
-                if fp8 and kind == "dit" and len(shape) == 2 and key.endswith(".weight"):
-                    nbytes = numel + 4 * shape[0]
-                blocks[idx] = blocks.get(idx, 0) + nbytes
-            total += nbytes
-        channels: tuple[int, ...] = ()
-        if kind == "dit":
-            c = int(args["model_channels"])
-            channels = (c, int(c * float(args.get("mlp_ratio", 4.0))))
-        elif kind == "sc_decoder":
-            channels = tuple(int(c) for c in args["model_channels"])
-        block_bytes = tuple(blocks[i] for i in sorted(blocks)) if kind == "dit" else ()
-        level_blocks = tuple(int(b) for b in args.get("num_blocks", ())) if kind == "sc_decoder" else ()
-        return cls(role, kind, total, block_bytes, channels, elem, int(args.get("resolution", 0) or 0), level_blocks)
-
-
-def sizes_from_files(files: Any, dtype: torch.dtype | None = None, fp8: bool = False) -> dict[str, ModelSize]:
-    """ModelSize per role of a ``weights.PipelineFiles`` (headers only: no tensor data is read); fp8: see
-    ``ModelSize.from_tensors``."""
-    out = {}
-    for role, mf in files.models.items():
-        cfg = read_model_config(mf.config_path)
-        header = read_safetensors_header(mf.weights_path)
-        tensors = {k: (v.dtype, v.shape) for k, v in header.items()}
-        out[role] = ModelSize.from_tensors(role, cfg.get("name", ""), cfg.get("args", {}), tensors, dtype, fp8)
-    dino = getattr(files, "dinov3_path", None)
-    if dino is not None:
-        tensors = {}
-        for f in sorted(os.listdir(dino)):
-            if f.endswith(".safetensors"):
-                tensors.update({k: (v.dtype, v.shape) for k, v in read_safetensors_header(os.path.join(dino, f)).items()})
-        out[IMAGE_COND] = ModelSize.from_tensors(IMAGE_COND, "DINOv3", {}, tensors, torch.float32)
-    return out
-
-
-def sizes_from_manifests(manifests: Mapping[str, Mapping[str, Any]], dtype: torch.dtype | None = None,
-                         fp8: bool = False) -> dict[str, ModelSize]:  # fmt: skip
-    """ModelSize per role from manifest dicts ({"config": {"name", "args"}, "params": {key: {"shape", "dtype"}}})."""
-    return {
-        role: ModelSize.from_tensors(role, m["config"]["name"], m["config"]["args"],
-                                     {k: (v["dtype"], tuple(v["shape"])) for k, v in m["params"].items()}, dtype, fp8)
-        for role, m in manifests.items()
-    }  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -429,32 +336,6 @@ def _kept_graphs_fit(plan: MemoryPlan, sizes: Mapping[str, ModelSize], usable: i
 
 
 # ---------------------------------------------------------------------------------------------- components
-ALLOC_ENV = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")  # torch >= 2.9 reads the first, older the second
-
-
-def prefer_expandable_segments(device: torch.device | str) -> bool:
-    """Under a VRAM budget on CUDA: switch torch's caching allocator to expandable segments (one growable mapping
-    per stream instead of fixed-size blocks) unless the user configured the allocator (``PYTORCH_ALLOC_CONF`` /
-    ``PYTORCH_CUDA_ALLOC_CONF``) or another backend runs (cudaMallocAsync: ComfyUI's default; its nodes never
-    call this). Why: the decoders allocate feature tensors of up to GiBs per level, and fixed blocks fragment. H100,
-    1536_cascade under a 10.5 GiB cap (``bench/bench_pipeline.py --vram-budget 10.5 --plan``): the default
-    allocator failed a 2.48 GiB request with 6.06 GiB allocated and 2.44 GiB reserved but unused; with expandable
-    segments the run completed (peak 8.91 GiB allocated, 10.47 GiB reserved). Applies to memory reserved from now
-    on. Returns whether it switched."""
-    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        return False
-    if any(os.environ.get(name) for name in ALLOC_ENV) or torch.cuda.get_allocator_backend() != "native":
-        return False
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
-    try:
-        setter("expandable_segments:True")
-    except RuntimeError as e:  # a build or platform without them: keep the default
-        log.info("expandable segments unavailable (%s); the allocator keeps its default", e)
-        return False
-    log.info("vram_budget: CUDA caching allocator switched to expandable segments (set %s to choose yourself)", ALLOC_ENV[0])
-    return True
-
-
 def components_for(files: Any, device: torch.device | str, dtype: torch.dtype | None, vram_budget: Any = None, *,
                    policy: Policy = "keep", pipeline_type: str | None = None, tokens: Any = None,
                    fp8: bool = False) -> Components:  # fmt: skip
