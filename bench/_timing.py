@@ -58,10 +58,11 @@ class PowerLog:
     ``time.time()`` stamps. ``PowerLog.start(device)`` is None where nvidia-smi is missing."""
 
     FIELDS = ("clocks_event_reasons.sw_power_cap", "clocks_throttle_reasons.sw_power_cap")  # newer, older drivers
+    POWER = ("power.draw.instant", "power.draw")  # instantaneous where the driver has it (power.draw: a 1 s average)
 
-    def __init__(self, uuid: str, ms: int, cap_field: str):
+    def __init__(self, uuid: str, ms: int, cap_field: str, power_field: str):
         self._out = tempfile.NamedTemporaryFile("w+", suffix=".csv")
-        query = f"timestamp,clocks.sm,power.draw,{cap_field}"
+        query = f"timestamp,clocks.sm,{power_field},{cap_field}"
         cmd = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-lms", str(ms), "-i", uuid]
         self._proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.DEVNULL)
 
@@ -70,12 +71,17 @@ class PowerLog:
         if shutil.which("nvidia-smi") is None:
             return None
         uuid = f"GPU-{torch.cuda.get_device_properties(device).uuid}"
-        for field in cls.FIELDS:
-            probe = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader", "-i", uuid],
-                                   capture_output=True, text=True)  # fmt: skip
-            if probe.returncode == 0:
-                return cls(uuid, ms, field)
-        return None
+
+        def first(fields):
+            for field in fields:
+                probe = subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader", "-i", uuid],
+                                       capture_output=True, text=True)  # fmt: skip
+                if probe.returncode == 0 and "N/A" not in probe.stdout and "Not Supported" not in probe.stdout:
+                    return field
+            return None
+
+        cap, power = first(cls.FIELDS), first(cls.POWER)
+        return None if cap is None or power is None else cls(uuid, ms, cap, power)
 
     def window(self, t0: float, t1: float) -> dict | None:
         """Mean SM MHz, mean W and the share of samples at the power cap between t0 and t1 (None: no sample)."""
