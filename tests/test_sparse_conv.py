@@ -124,9 +124,24 @@ def test_bad_arguments_raise_named_errors():
     with pytest.raises(ValueError, match="weight must be"):
         submanifold_conv3d(torch.randn(len(coords), 4), nbr, torch.randn(2, 3, 3, 3, 5))
     with pytest.raises(ValueError, match="neighbours must be"):
-        submanifold_conv3d(torch.randn(len(coords), 4), nbr[:-1], torch.randn(2, 3, 3, 3, 4))
+        submanifold_conv3d(torch.randn(len(coords), 4), nbr[:, :26], torch.randn(2, 3, 3, 3, 4))
     with pytest.raises(ValueError, match="non-negative"):
         build_neighbours(torch.tensor([[0, -1, 0, 0]], dtype=torch.int32))
+
+
+def test_rows_of_the_map_compute_those_output_rows():
+    """A slice of a level's neighbour map computes only those output rows, from all of the level's features (how
+    a decoder chunks a convolution's output)."""
+    coords = random_coords(300, (7, 7, 7), batch=2)
+    nbr = build_neighbours(coords)
+    g = torch.Generator().manual_seed(3)
+    feats, w, b = torch.randn(len(coords), 5, generator=g), torch.randn(6, 3, 3, 3, 5, generator=g), torch.randn(6, generator=g)
+    whole = submanifold_conv3d(feats, nbr, w, b)
+    n = len(coords)
+    for r0, r1 in ((0, 1), (17, n // 2), (n - 60, n), (5, 5)):
+        part = submanifold_conv3d(feats, nbr[r0:r1], w, b)
+        assert part.shape == (r1 - r0, 6)
+        assert torch.allclose(part, whole[r0:r1], rtol=1e-6, atol=1e-6)
 
 
 def test_module_meta_cache_and_dtype():

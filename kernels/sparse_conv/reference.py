@@ -79,7 +79,8 @@ def _chunk_rows(ci: int, elem_bytes: int, max_bytes: int) -> int:
 
 
 def check_conv_args(feats: torch.Tensor, neighbours: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int]:
-    """(N, Ci, Co) of a submanifold_conv3d call; ValueError naming the argument whose shape or dtype is wrong.
+    """(M output rows, Ci, Co) of a submanifold_conv3d call; ValueError naming the argument whose shape or dtype is
+    wrong. M = N for a whole level; rows r0:r1 of a level's map compute those output rows only.
 
     Shared by every backend, so they accept exactly the same calls.
     """
@@ -90,11 +91,14 @@ def check_conv_args(feats: torch.Tensor, neighbours: torch.Tensor, weight: torch
         raise ValueError(
             f"submanifold_conv3d: weight must be [Co, 3, 3, 3, Ci={ci}] (official layout); got {tuple(weight.shape)}"
         )
-    if neighbours.shape != (n, KERNEL_VOLUME):
-        raise ValueError(f"submanifold_conv3d: neighbours must be [N={n}, 27]; got {tuple(neighbours.shape)}")
+    if neighbours.dim() != 2 or neighbours.shape[1] != KERNEL_VOLUME:
+        raise ValueError(
+            f"submanifold_conv3d: neighbours must be [M, 27] (M = N={n} for a whole level, or a slice of its rows); "
+            f"got {tuple(neighbours.shape)}"
+        )
     if weight.dtype != feats.dtype:
         raise ValueError(f"submanifold_conv3d: weight dtype {weight.dtype} != feats dtype {feats.dtype}; cast one of them")
-    return n, ci, weight.shape[0]
+    return neighbours.shape[0], ci, weight.shape[0]
 
 
 def submanifold_conv3d(
@@ -109,11 +113,12 @@ def submanifold_conv3d(
     """Submanifold 3x3x3 convolution on the rows of ``feats`` given their neighbour map.
 
     feats:      [N, Ci] float (fp32 / fp16 / bf16)
-    neighbours: [N, 27] int32 (or int64) from ``build_neighbours`` (-1 = missing)
+    neighbours: [N, 27] int32 (or int64) from ``build_neighbours`` (-1 = missing), or rows r0:r1 of it: the output
+                rows of those voxels only ([M, 27] -> [M, Co]; what a caller chunking a level's output does)
     weight:     [Co, 3, 3, 3, Ci], same dtype as feats (the official state_dict layout)
     bias:       [Co] or None
     chunk_rows: rows per chunk; None picks it so the gathered block ``[chunk, 27, Ci]`` fits ``max_bytes``.
-    returns     [N, Co] in feats.dtype.
+    returns     [M, Co] in feats.dtype (M = N for the whole map).
 
     Per chunk: gather the 27 neighbour rows, zero the missing ones, then one ``[chunk, 27*Ci] @ [27*Ci, Co]``
     matmul. Accumulation is fp32 for half inputs: on CUDA cuBLAS half GEMMs accumulate in fp32; elsewhere the

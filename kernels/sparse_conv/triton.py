@@ -141,12 +141,13 @@ def submanifold_conv3d(
     """Triton submanifold 3x3x3 convolution; same arguments and result as ``reference.submanifold_conv3d``.
 
     feats:      [N, Ci] fp32 / fp16 / bf16 on CUDA
-    neighbours: [N, 27] int32 (or int64) from ``build_neighbours``, -1 = missing
+    neighbours: [N, 27] int32 (or int64) from ``build_neighbours``, -1 = missing; or rows r0:r1 of it ([M, 27]:
+                those output rows only)
     weight:     [Co, 3, 3, 3, Ci], same dtype as feats
     bias:       [Co] (any float dtype, added in fp32) or None
     plan:       None, or a ``plan.TilePlan`` of ``neighbours``: run the planned kernel (same sums; its tiles skip
                 the offsets none of their rows has)
-    returns     [N, Co] in feats.dtype, fp32 accumulation.
+    returns     [M, Co] in feats.dtype, fp32 accumulation.
     """
     n, ci, co = check_conv_args(feats, neighbours, weight)
     if feats.dtype not in SUPPORTED_DTYPES:

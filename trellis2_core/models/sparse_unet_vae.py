@@ -24,7 +24,7 @@ from ..errors import ConfigError, InputError
 from ..nn import ops as nn_ops
 from ..sparse import SparseTensor
 from ..sparse.conv import SparseConv3d
-from ..sparse.spatial import channel2spatial, spatial2channel, subdivision_from_mask, subdivision_from_record
+from ..sparse.spatial import Subdivision, channel2spatial, spatial2channel, subdivision_from_mask, subdivision_from_record
 from .config import ModelConfig
 
 _BLOCK_ARGS = {"use_checkpoint"}  # the only key the released configs carry (training-only, accepted and ignored)
@@ -142,12 +142,18 @@ class SparseResBlockC2S3d(nn.Module):
 
     def forward(self, x: SparseTensor, guide: SparseTensor | None = None) -> tuple[SparseTensor, SparseTensor | None]:
         sub, logits = self.subdivide(x, guide)
+        return self.up(x, sub), logits
+
+    def up(self, x: SparseTensor, sub: Subdivision) -> SparseTensor:
+        """The children's features [Nf, co]: conv1 of SiLU(LN(x)) spread to the children, conv2 of SiLU(LN(that)),
+        plus the skip (x's channels spread to the children, each repeated co/(c/8) times). The chunked variant
+        (models/decoder_chunking.py) computes conv1 a slice of parents at a time."""
         h = self.conv1(x.replace(_ln32(self.norm1, x.feats, silu=True)))
         h = channel2spatial(h, sub)  # [Nf, co]
         skip = channel2spatial(x, sub).feats  # [Nf, c/8], each channel repeated co/(c/8) times consecutively
         skip = skip.repeat_interleave(self.out_channels // (self.channels // 8), dim=1)
         h = self.conv2(h.replace(self.conv2_input(h.feats)))
-        return h.replace(h.feats + skip), logits
+        return h.replace(h.feats + skip)
 
     def conv2_input(self, feats: torch.Tensor) -> torch.Tensor:
         """SiLU(LN(h)) before conv2 (no affine). ``feats`` is a fresh tensor channel2spatial made: the chunked

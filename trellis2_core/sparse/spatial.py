@@ -145,11 +145,17 @@ def channel2spatial(x: SparseTensor, sub: Subdivision) -> SparseTensor:
     n, c8 = x.feats.shape
     if c8 % 8 != 0:
         raise InputError(f"channel2spatial: channels must be a multiple of 8; got {c8}")
+    feats = x.feats.reshape(n * 8, c8 // 8)[sub.parent * 8 + sub.child]
+    return SparseTensor(feats, sub.fine_coords, cache=child_cache(x, sub))
+
+
+def child_cache(x: SparseTensor, sub: Subdivision) -> dict:
+    """The cache the children of ``x`` share (``sub.cache``), told how to derive their neighbour map from x's if x
+    has one (for callers that build the children's features themselves, e.g. a chunked decoder)."""
     parent_map = x.get_cache(NEIGHBOUR_CACHE_KEY)
     if parent_map is not None and sub.cache.get(NEIGHBOUR_CACHE_KEY) is None:
         sub.cache.setdefault(PARENT_NEIGHBOURS_KEY, (parent_map, sub.parent, sub.child))
-    feats = x.feats.reshape(n * 8, c8 // 8)[sub.parent * 8 + sub.child]
-    return SparseTensor(feats, sub.fine_coords, cache=sub.cache)
+    return sub.cache
 
 
 class Spatial2Channel(nn.Module):
