@@ -16,7 +16,7 @@ if not INNER:
 
     @pytest.mark.slow
     def test_memory_node_suite_inside_comfyui_python():
-        from comfy_harness import run_inner_suite
+        from comfy_inner import run_inner_suite
 
         run_inner_suite(__file__, timeout=600, allow_skips=True)
 
@@ -27,7 +27,7 @@ else:
     comfy.cli_args.args.cpu = True  # before model_management reads it: this suite runs on the CPU
     import comfy.model_management as mm
     import torch
-    from comfy_harness import rgba_image, tiny_models_folder
+    from comfy_inner import rgba_image, tiny_models_folder
 
     from trellis2.nodes import generation
     from trellis2.trellis2_core.errors import InputError

@@ -182,7 +182,7 @@ if not INNER:
 
     @pytest.mark.slow
     def test_mesh_node_cancel_suite_inside_comfyui_python():
-        from comfy_harness import run_inner_suite
+        from comfy_inner import run_inner_suite
 
         run_inner_suite(__file__, timeout=600)
 

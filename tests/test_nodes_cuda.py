@@ -20,7 +20,7 @@ if not INNER:
     @pytest.mark.cuda
     @pytest.mark.slow
     def test_node_suite_on_the_gpu_inside_comfyui_python():
-        from comfy_harness import run_inner_suite
+        from comfy_inner import run_inner_suite
 
         run_inner_suite(__file__, timeout=1200, gpu=True)
 
@@ -32,7 +32,7 @@ else:
         pytest.skip("needs an NVIDIA GPU (CUDA)", allow_module_level=True)
 
     import comfy.model_management as mm
-    from comfy_harness import rgba_image, tiny_models_folder
+    from comfy_inner import rgba_image, tiny_models_folder
 
     from trellis2.nodes import generation
     from trellis2.trellis2_core.nn import cuda_graphs

@@ -19,7 +19,7 @@ if not INNER:
 
     @pytest.mark.slow
     def test_issue8_node_suite_inside_comfyui_python():
-        from comfy_harness import run_inner_suite
+        from comfy_inner import run_inner_suite
 
         run_inner_suite(__file__, timeout=900)
 

@@ -20,7 +20,7 @@ if not INNER:
 
     @pytest.mark.slow
     def test_node_unit_suite_inside_comfyui_python():
-        from comfy_harness import run_inner_suite
+        from comfy_inner import run_inner_suite
 
         run_inner_suite(__file__, timeout=1200)
 
@@ -39,7 +39,7 @@ else:
     import comfy.utils
     import folder_paths
     from comfy_api.latest import Types
-    from comfy_harness import rgba_image, tiny_models_folder
+    from comfy_inner import rgba_image, tiny_models_folder
 
     from trellis2.nodes import comfy_entrypoint, export, generation, mesh_nodes, mesh_socket
     from trellis2.nodes import model_management as mgmt
